@@ -1,0 +1,146 @@
+/**
+ * Command-line parsing for the `blockfuse` CLI: pure (no I/O), so it is unit-testable. Syntax
+ * problems are {@link UsageError}s (exit 2); the meaning of the values (sizes, thread range,
+ * growable without writable, paths) is checked by the options layer like for the API (exit 1).
+ *
+ * @module
+ */
+import { parseArgs } from 'node:util'
+
+import type { AllowOther, CacheMode, ExportFormat, FuseExportOptions, OnHalt } from './options.js'
+
+/** A command line the CLI cannot make sense of; the CLI prints usage and exits 2. */
+export class UsageError extends Error {
+  readonly code = 'USAGE'
+  /** Which usage text fits the error. */
+  readonly topic: HelpTopic
+
+  constructor(message: string, topic: HelpTopic = 'main') {
+    super(message)
+    this.name = 'UsageError'
+    this.topic = topic
+  }
+}
+
+export type HelpTopic = 'main' | 'export'
+
+/** What the command line asks for. */
+export type CliCommand =
+  | { kind: 'help'; topic: HelpTopic }
+  | { kind: 'version' }
+  | { kind: 'export'; options: FuseExportOptions; json: boolean }
+
+export const MAIN_USAGE = `Usage: blockfuse <command> [options]
+
+Export a disk image as one regular file through FUSE.
+
+Commands:
+  export <source> <mountpoint>   export an image (run \`blockfuse export --help\`)
+
+Options:
+  -h, --help       show this help
+  -V, --version    show the version
+`
+
+export const EXPORT_USAGE = `Usage: blockfuse export [options] <source> <mountpoint>
+
+Export <source> on <mountpoint> (an existing regular file) until SIGINT or SIGTERM.
+<source> is a path of a raw image, or null:<size> for a null backend that reads
+zeros (e.g. null:1G; units k, M, G, T are binary). Prints a line starting with
+"ready" once the export serves.
+
+Options:
+  --writable                     allow writes (default: read-only)
+  --growable                     let writes past the end grow the image (needs --writable)
+  --allow-other on|off|auto      let other users access the file (default: auto)
+  --threads N                    number of /dev/fuse queues, 1 to 64 (default: 1)
+  --format raw|null              image format (default: from <source>)
+  --cache writeback|none         host cache for the image file (default: writeback)
+  --writethrough                 flush after every write before acknowledging it
+  --on-halt unmount|keep         on a fatal protocol error: unmount (default) or keep
+  --json                         print one JSON object per line instead of text
+  -h, --help                     show this help
+`
+
+const EXPORT_OPTIONS = {
+  writable: { type: 'boolean' },
+  growable: { type: 'boolean' },
+  'allow-other': { type: 'string' },
+  threads: { type: 'string' },
+  format: { type: 'string' },
+  cache: { type: 'string' },
+  writethrough: { type: 'boolean' },
+  'on-halt': { type: 'string' },
+  json: { type: 'boolean' },
+  help: { type: 'boolean', short: 'h' },
+} as const
+
+function oneOf<T extends string>(flag: string, value: string | undefined, allowed: readonly T[]): T | undefined {
+  if (value === undefined) return undefined
+  if (!(allowed as readonly string[]).includes(value)) {
+    throw new UsageError(`--${flag} must be one of ${allowed.join(', ')}, got "${value}"`, 'export')
+  }
+  return value as T
+}
+
+/** Turns `null:<size>` into a null source; anything else is a path (write `./null:x` for such a file). */
+export function parseSource(text: string): FuseExportOptions['source'] {
+  return text.startsWith('null:') ? { null: text.slice('null:'.length) } : text
+}
+
+function parseExport(args: string[]): CliCommand {
+  let parsed
+  try {
+    parsed = parseArgs({ args, options: EXPORT_OPTIONS, allowPositionals: true, strict: true })
+  } catch (err) {
+    throw new UsageError((err as Error).message, 'export')
+  }
+  const { values, positionals } = parsed
+  if (values.help) return { kind: 'help', topic: 'export' }
+  if (positionals.length !== 2) {
+    throw new UsageError(
+      positionals.length < 2
+        ? 'export needs <source> and <mountpoint>'
+        : `export takes two arguments, got ${positionals.length}: ${positionals.join(' ')}`,
+      'export',
+    )
+  }
+  const [sourceText, mountpoint] = positionals as [string, string]
+  const options: FuseExportOptions = { source: parseSource(sourceText), mountpoint }
+  if (values.writable) options.writable = true
+  if (values.growable) options.growable = true
+  if (values.writethrough) options.writethrough = true
+  const allowOther = oneOf<AllowOther>('allow-other', values['allow-other'], ['on', 'off', 'auto'])
+  if (allowOther) options.allowOther = allowOther
+  const format = oneOf<ExportFormat>('format', values.format, ['raw', 'null'])
+  if (format) options.format = format
+  const cache = oneOf<CacheMode>('cache', values.cache, ['writeback', 'none'])
+  if (cache) options.cache = cache
+  const onHalt = oneOf<OnHalt>('on-halt', values['on-halt'], ['unmount', 'keep'])
+  if (onHalt) options.onHalt = onHalt
+  if (values.threads !== undefined) {
+    if (!/^\d+$/.test(values.threads)) {
+      throw new UsageError(`--threads must be a whole number, got "${values.threads}"`, 'export')
+    }
+    options.threads = Number(values.threads)
+  }
+  return { kind: 'export', options, json: values.json ?? false }
+}
+
+/** Parses the arguments after `node cli.js` (i.e. `process.argv.slice(2)`). Throws {@link UsageError}. */
+export function parseCliArgs(argv: readonly string[]): CliCommand {
+  const [first, ...rest] = argv
+  if (first === undefined) throw new UsageError('missing command')
+  if (first === '-h' || first === '--help' || first === 'help') {
+    if (rest.length === 0) return { kind: 'help', topic: 'main' }
+    if (rest.length === 1 && rest[0] === 'export') return { kind: 'help', topic: 'export' }
+    throw new UsageError(`unexpected argument after ${first}: ${rest.join(' ')}`)
+  }
+  if (first === '-V' || first === '--version') {
+    if (rest.length > 0) throw new UsageError(`unexpected argument after ${first}: ${rest.join(' ')}`)
+    return { kind: 'version' }
+  }
+  if (first === 'export') return parseExport(rest)
+  if (first.startsWith('-')) throw new UsageError(`unknown option ${first}`)
+  throw new UsageError(`unknown command "${first}"`)
+}

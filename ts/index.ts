@@ -1,0 +1,199 @@
+/**
+ * blockfuse: export a disk image as one regular file through FUSE.
+ *
+ * ```ts
+ * await using exp = await FuseExport.create({ source: 'disk.raw', mountpoint: 'disk.mnt' })
+ * // any program now reads disk.mnt as the raw disk
+ * ```
+ *
+ * @module
+ */
+import { EventEmitter } from 'node:events'
+
+import { BlockfuseError } from './errors.js'
+import { nativeClose, nativeMount, toBlockfuseError, type NativeEvent, type NativeExport } from './native.js'
+import { resolveOptions, type FuseExportOptions, type ResolvedFuseExportOptions } from './options.js'
+import { claim, release } from './registry.js'
+
+export { BlockfuseError, isBlockfuseError } from './errors.js'
+export type { BlockfuseErrorCode, NativeErrorCode, PolicyErrorCode } from './errors.js'
+export { normalizeOptions, parseSize, resolveOptions, MAX_THREADS } from './options.js'
+export type {
+  AllowOther,
+  CacheMode,
+  ExportFormat,
+  FuseExportOptions,
+  NullSource,
+  OnHalt,
+  ResolvedFuseExportOptions,
+} from './options.js'
+
+/** Events of a {@link FuseExport}. */
+export interface FuseExportEvents {
+  /** The export is unmounted; the mountpoint is the plain file it was. Emitted once. */
+  close: []
+  /**
+   * The native core halted the export (the kernel stream can no longer be trusted); it serves no
+   * more requests. With `onHalt: 'unmount'` (the default) the export then closes itself.
+   */
+  halt: [reason: string]
+  /** Closing after a halt failed (only emitted if someone listens; otherwise a process warning). */
+  error: [err: BlockfuseError]
+}
+
+/**
+ * One mounted export. Create it with {@link FuseExport.create}; close it with {@link FuseExport.close}
+ * or `await using`. While it is open it keeps the Node.js event loop alive (see {@link FuseExport.unref}).
+ */
+export class FuseExport extends EventEmitter<FuseExportEvents> {
+  /** Options after validation and defaults, with absolute real paths. */
+  readonly options: ResolvedFuseExportOptions
+  /** The mountpoint (absolute real path). */
+  readonly mountpoint: string
+  /** Whether the mount uses `allow_other` (how `allowOther: 'auto'` was resolved). */
+  readonly allowOther: boolean
+
+  #native: NativeExport
+  #closing: Promise<void> | undefined
+  #closed = false
+  #haltReason: string | undefined
+  #lastSize = 0
+  #keepAlive: NodeJS.Timeout | undefined
+
+  private constructor(options: ResolvedFuseExportOptions, native: NativeExport, allowOther: boolean) {
+    super()
+    this.options = options
+    this.mountpoint = options.mountpoint
+    this.allowOther = allowOther
+    this.#native = native
+    // A mounted export is like a listening server: the process must not exit under it, or
+    // clients would see ENOTCONN until someone unmounts by hand.
+    this.#keepAlive = setInterval(() => {}, 2 ** 30)
+  }
+
+  /**
+   * Validates `options`, checks the source and mountpoint, mounts, and resolves once the kernel
+   * can serve requests on the mountpoint. Rejects with a {@link BlockfuseError} whose `code` says
+   * why (`INVALID_OPTION`, `SOURCE_NOT_FOUND`, `MOUNTPOINT_IN_USE`, `MOUNT_FAILED`, ...).
+   */
+  static async create(options: FuseExportOptions): Promise<FuseExport> {
+    const resolved = await resolveOptions(options)
+    const { mountpoint } = resolved
+    if (!claim(mountpoint)) {
+      throw new BlockfuseError('MOUNTPOINT_IN_USE', `mountpoint "${mountpoint}" is already exported by this process`)
+    }
+    // Events may arrive before mount() resolves; they are delivered once the object exists.
+    let instance: FuseExport | undefined
+    const early: NativeEvent[] = []
+    const onEvent = (err: Error | null, event: NativeEvent) => {
+      const ev: NativeEvent = err ? { kind: 'halt', reason: toBlockfuseError(err).message } : event
+      if (instance) instance.#onNativeEvent(ev)
+      else early.push(ev)
+    }
+    try {
+      const base = {
+        format: resolved.format,
+        ...(typeof resolved.source === 'string' ? { source: resolved.source } : { nullSize: resolved.source.null }),
+        mountpoint,
+        writable: resolved.writable,
+        growable: resolved.growable,
+        threads: resolved.threads,
+        cache: resolved.cache,
+        writethrough: resolved.writethrough,
+      }
+      let allowOther = resolved.allowOther !== 'off'
+      let native: NativeExport
+      try {
+        native = await nativeMount({ ...base, allowOther }, onEvent)
+      } catch (err) {
+        if (resolved.allowOther !== 'auto' || (err as BlockfuseError).code !== 'MOUNT_FAILED') throw err
+        allowOther = false
+        native = await nativeMount({ ...base, allowOther }, onEvent)
+      }
+      instance = new FuseExport(resolved, native, allowOther)
+      instance.#lastSize = instance.size
+    } catch (err) {
+      release(mountpoint)
+      throw err
+    }
+    for (const ev of early) instance.#onNativeEvent(ev)
+    return instance
+  }
+
+  /** Current size of the exported image in bytes (the last known size once closed). */
+  get size(): number {
+    if (!this.#closed) {
+      try {
+        this.#lastSize = this.#native.size
+      } catch {
+        // After a halt the native side may refuse; the last known size is still right.
+      }
+    }
+    return this.#lastSize
+  }
+
+  /** True once the export is unmounted. */
+  get closed(): boolean {
+    return this.#closed
+  }
+
+  /** Reason of the native halt, if the export halted. */
+  get haltReason(): string | undefined {
+    return this.#haltReason
+  }
+
+  /**
+   * Stops taking requests, waits for in-flight ones, flushes the backend and unmounts; then emits
+   * `close`. Idempotent: concurrent and later calls share one promise. If unmounting fails the
+   * promise rejects and a later call tries again.
+   */
+  close(): Promise<void> {
+    this.#closing ??= this.#doClose()
+    return this.#closing
+  }
+
+  async #doClose(): Promise<void> {
+    this.#lastSize = this.size
+    try {
+      await nativeClose(this.#native)
+    } catch (err) {
+      this.#closing = undefined
+      throw err
+    }
+    this.#closed = true
+    release(this.mountpoint)
+    clearInterval(this.#keepAlive)
+    this.#keepAlive = undefined
+    this.emit('close')
+  }
+
+  /** Closes the export (for `await using`). */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close()
+  }
+
+  /** Lets the process exit even though this export is open (like `net.Server.unref()`). */
+  unref(): this {
+    this.#keepAlive?.unref()
+    return this
+  }
+
+  /** Undoes {@link FuseExport.unref}. */
+  ref(): this {
+    this.#keepAlive?.ref()
+    return this
+  }
+
+  #onNativeEvent(event: NativeEvent): void {
+    if (event.kind !== 'halt' || this.#haltReason !== undefined) return
+    this.#haltReason = event.reason
+    this.emit('halt', event.reason)
+    if (this.options.onHalt === 'unmount' && !this.#closed) {
+      this.close().catch((err: unknown) => {
+        const error = toBlockfuseError(err)
+        if (this.listenerCount('error') > 0) this.emit('error', error)
+        else process.emitWarning(`blockfuse: closing ${this.mountpoint} after a halt failed: ${error.message}`)
+      })
+    }
+  }
+}

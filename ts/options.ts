@@ -1,0 +1,418 @@
+/**
+ * Export options: their types and defaults, pure validation ({@link normalizeOptions}), and the
+ * filesystem checks that turn them into what the native core gets ({@link resolveOptions}). The
+ * native core trusts what it gets from here; every rejection is a {@link BlockfuseError} whose
+ * message names the offending value.
+ *
+ * @module
+ */
+import { lstat, readFile, realpath, stat } from 'node:fs/promises'
+import type { Stats } from 'node:fs'
+import { basename, dirname, join, resolve } from 'node:path'
+
+import { BlockfuseError } from './errors.js'
+import { isExported } from './registry.js'
+
+/** Image format: `raw` is a file (or block device) used as is; `null` reads zeros and drops writes. */
+export type ExportFormat = 'raw' | 'null'
+/** Whether other users may access the export (`allow_other` mount option). */
+export type AllowOther = 'on' | 'off' | 'auto'
+/** Host cache mode for the backing file. */
+export type CacheMode = 'writeback' | 'none'
+/** What to do when the native core halts the export. */
+export type OnHalt = 'unmount' | 'keep'
+
+/** A null backend of the given size. */
+export interface NullSource {
+  /**
+   * Size in bytes: a positive integer (number or bigint, at most 2^53-1), or a string such as
+   * `'1G'`, `'512M'`, `'64k'` or `'4096'`. Units are binary (k = KiB, M = MiB, G = GiB, T = TiB)
+   * and may be followed by `i`, `iB` or `B`.
+   */
+  null: number | bigint | string
+}
+
+/** Options of {@link FuseExport.create}. */
+export interface FuseExportOptions {
+  /** Path of a raw image file (or block device), or `{ null: size }` for a null backend. Required. */
+  source: string | NullSource
+  /**
+   * Path of an existing regular file the export is mounted on; it is covered while the export lives
+   * and uncovered by `close()`. It may be the source image itself. Required.
+   */
+  mountpoint: string
+  /** Image format. Default: `'null'` when `source` is `{ null }`, else `'raw'`. */
+  format?: ExportFormat
+  /** Allow writes through the export. Default: `false` (mounted read-only). */
+  writable?: boolean
+  /** Let writes past the end grow the image (and allow truncate to grow it). Needs `writable`. Default: `false`. */
+  growable?: boolean
+  /**
+   * Mount with `allow_other` so users other than the exporting one can access the file.
+   * `'auto'` tries `'on'` and falls back to `'off'` if that mount fails. Default: `'auto'`.
+   */
+  allowOther?: AllowOther
+  /** Number of `/dev/fuse` queues, each served by its own thread; an integer from 1 to 64. Default: `1`. */
+  threads?: number
+  /**
+   * `'writeback'` uses the host page cache for the backing file (like QEMU's file driver);
+   * `'none'` opens it with `O_DIRECT` and honours its alignment. Default: `'writeback'`.
+   */
+  cache?: CacheMode
+  /** Flush the backend after every write before acknowledging it. Default: `false`. */
+  writethrough?: boolean
+  /**
+   * On a native halt (the kernel stream can no longer be trusted): `'unmount'` emits `halt` and
+   * then closes the export, so clients get errors instead of hanging; `'keep'` only emits `halt`.
+   * Default: `'unmount'`.
+   */
+  onHalt?: OnHalt
+}
+
+/** Options after validation and defaults; paths are absolute (real paths after {@link resolveOptions}). */
+export interface ResolvedFuseExportOptions {
+  readonly source: string | { readonly null: number }
+  readonly mountpoint: string
+  readonly format: ExportFormat
+  readonly writable: boolean
+  readonly growable: boolean
+  readonly allowOther: AllowOther
+  readonly threads: number
+  readonly cache: CacheMode
+  readonly writethrough: boolean
+  readonly onHalt: OnHalt
+}
+
+/** Upper bound of {@link FuseExportOptions.threads}. */
+export const MAX_THREADS = 64
+
+const KNOWN_OPTIONS = [
+  'source',
+  'mountpoint',
+  'format',
+  'writable',
+  'growable',
+  'allowOther',
+  'threads',
+  'cache',
+  'writethrough',
+  'onHalt',
+] as const
+
+function describe(value: unknown): string {
+  if (typeof value === 'string') return JSON.stringify(value)
+  if (typeof value === 'bigint') return `${value}n`
+  if (value === null) return 'null'
+  if (Array.isArray(value)) return 'an array'
+  if (typeof value === 'object') return 'an object'
+  if (typeof value === 'function') return 'a function'
+  return String(value)
+}
+
+function invalid(message: string): BlockfuseError {
+  return new BlockfuseError('INVALID_OPTION', message)
+}
+
+function optionalBoolean(options: Record<string, unknown>, key: string): boolean {
+  const value = options[key]
+  if (value === undefined) return false
+  if (typeof value !== 'boolean') {
+    throw invalid(`option "${key}" must be a boolean, got ${describe(value)}`)
+  }
+  return value
+}
+
+function optionalEnum<T extends string>(
+  options: Record<string, unknown>,
+  key: string,
+  allowed: readonly T[],
+  fallback: T,
+): T {
+  const value = options[key]
+  if (value === undefined) return fallback
+  if (typeof value !== 'string' || !(allowed as readonly string[]).includes(value)) {
+    throw invalid(
+      `option "${key}" must be one of ${allowed.map((a) => `"${a}"`).join(', ')}, got ${describe(value)}`,
+    )
+  }
+  return value as T
+}
+
+const UNIT_SHIFT: Record<string, bigint> = { '': 0n, k: 10n, m: 20n, g: 30n, t: 40n }
+const SIZE_PATTERN = /^(\d+)(?:([kKmMgGtT])(?:i|iB|B)?|B)?$/
+const MAX_SIZE = BigInt(Number.MAX_SAFE_INTEGER)
+
+/**
+ * Parses a null backend size: a positive integer number or bigint, or a decimal string with an
+ * optional binary unit (`64k`, `512M`, `1G`, `2T`, `1GiB`, `4096`, `4096B`). Rejects 0, negative,
+ * fractional and oversized (> 2^53-1) values with `NULL_SIZE_INVALID`.
+ */
+export function parseSize(value: unknown): number {
+  const fail = (why: string) =>
+    new BlockfuseError('NULL_SIZE_INVALID', `null backend size ${describe(value)} is invalid: ${why}`)
+  let bytes: bigint
+  if (typeof value === 'number') {
+    if (!Number.isInteger(value)) throw fail('it must be an integer number of bytes')
+    if (!Number.isSafeInteger(value)) throw fail('it must be at most 2^53-1 bytes')
+    bytes = BigInt(value)
+  } else if (typeof value === 'bigint') {
+    bytes = value
+  } else if (typeof value === 'string') {
+    const match = SIZE_PATTERN.exec(value)
+    if (!match) {
+      throw fail('expected a decimal integer with an optional unit k, M, G or T (e.g. 1G, 512M, 64k)')
+    }
+    bytes = BigInt(match[1]!) << UNIT_SHIFT[(match[2] ?? '').toLowerCase()]!
+  } else {
+    throw fail('expected a number, a bigint or a string such as "1G"')
+  }
+  if (bytes <= 0n) throw fail('it must be greater than 0')
+  if (bytes > MAX_SIZE) throw fail('it must be at most 2^53-1 bytes')
+  return Number(bytes)
+}
+
+/**
+ * Validates options and applies defaults without touching the filesystem. Paths are made absolute
+ * against the current directory. Throws a {@link BlockfuseError} (`INVALID_OPTION`,
+ * `NULL_SIZE_INVALID`).
+ */
+export function normalizeOptions(input: unknown): ResolvedFuseExportOptions {
+  if (typeof input !== 'object' || input === null || Array.isArray(input)) {
+    throw invalid(`options must be an object, got ${describe(input)}`)
+  }
+  const options = input as Record<string, unknown>
+  for (const key of Object.keys(options)) {
+    if (!(KNOWN_OPTIONS as readonly string[]).includes(key)) {
+      throw invalid(`unknown option "${key}" (known options: ${KNOWN_OPTIONS.join(', ')})`)
+    }
+  }
+
+  const rawSource = options.source
+  let source: string | { null: number }
+  if (typeof rawSource === 'string') {
+    if (rawSource === '') throw invalid('option "source" must not be an empty path')
+    source = resolve(rawSource)
+  } else if (typeof rawSource === 'object' && rawSource !== null && !Array.isArray(rawSource)) {
+    const keys = Object.keys(rawSource)
+    if (keys.length !== 1 || keys[0] !== 'null') {
+      throw invalid(
+        `option "source" must be a path or { null: <size> }, got an object with keys ${describe(keys.join(', '))}`,
+      )
+    }
+    source = { null: parseSize((rawSource as NullSource).null) }
+  } else if (rawSource === undefined) {
+    throw invalid('option "source" is required: a path of an image, or { null: <size> }')
+  } else {
+    throw invalid(`option "source" must be a path or { null: <size> }, got ${describe(rawSource)}`)
+  }
+
+  const rawMountpoint = options.mountpoint
+  if (rawMountpoint === undefined) {
+    throw invalid('option "mountpoint" is required: the path of an existing regular file')
+  }
+  if (typeof rawMountpoint !== 'string') {
+    throw invalid(`option "mountpoint" must be a path, got ${describe(rawMountpoint)}`)
+  }
+  if (rawMountpoint === '') throw invalid('option "mountpoint" must not be an empty path')
+  const mountpoint = resolve(rawMountpoint)
+
+  const isNull = typeof source !== 'string'
+  const format = optionalEnum<ExportFormat>(options, 'format', ['raw', 'null'], isNull ? 'null' : 'raw')
+  if (format === 'null' && !isNull) {
+    throw invalid(
+      `option "format" is "null" but "source" is a path (${describe(source)}); a null backend is given as source: { null: <size> }`,
+    )
+  }
+  if (format !== 'null' && isNull) {
+    throw invalid(`option "format" is ${describe(format)} but "source" is a null backend; use a path`)
+  }
+
+  const writable = optionalBoolean(options, 'writable')
+  const growable = optionalBoolean(options, 'growable')
+  if (growable && !writable) {
+    throw invalid('option "growable" needs "writable: true" (a read-only export cannot grow)')
+  }
+
+  let threads = 1
+  if (options.threads !== undefined) {
+    const value = options.threads
+    if (typeof value !== 'number' || !Number.isInteger(value) || value < 1 || value > MAX_THREADS) {
+      throw invalid(`option "threads" must be an integer from 1 to ${MAX_THREADS}, got ${describe(value)}`)
+    }
+    threads = value
+  }
+
+  return {
+    source,
+    mountpoint,
+    format,
+    writable,
+    growable,
+    allowOther: optionalEnum<AllowOther>(options, 'allowOther', ['on', 'off', 'auto'], 'auto'),
+    threads,
+    cache: optionalEnum<CacheMode>(options, 'cache', ['writeback', 'none'], 'writeback'),
+    writethrough: optionalBoolean(options, 'writethrough'),
+    onHalt: optionalEnum<OnHalt>(options, 'onHalt', ['unmount', 'keep'], 'unmount'),
+  }
+}
+
+/** One line of `/proc/self/mountinfo`, reduced to what the checks need. */
+export interface MountInfoEntry {
+  /** Where it is mounted (escapes such as `\040` decoded). */
+  mountPoint: string
+  /** Filesystem type, e.g. `fuse` or `fuse.blockfuse`. */
+  fsType: string
+  /** Mount source, e.g. `/dev/sda1`. */
+  source: string
+}
+
+function unescapeMountinfo(field: string): string {
+  return field.replace(/\\([0-7]{3})/g, (_, octal: string) => String.fromCharCode(parseInt(octal, 8)))
+}
+
+/** Parses the text of `/proc/<pid>/mountinfo` (see proc(5)); malformed lines are skipped. */
+export function parseMountinfo(text: string): MountInfoEntry[] {
+  const entries: MountInfoEntry[] = []
+  for (const line of text.split('\n')) {
+    const fields = line.split(' ')
+    const separator = fields.indexOf('-', 6)
+    if (fields.length < 7 || separator < 0 || fields.length < separator + 3) continue
+    entries.push({
+      mountPoint: unescapeMountinfo(fields[4]!),
+      fsType: unescapeMountinfo(fields[separator + 1]!),
+      source: unescapeMountinfo(fields[separator + 2]!),
+    })
+  }
+  return entries
+}
+
+/**
+ * Mount points currently visible to this process, with their filesystem type; empty if
+ * `/proc/self/mountinfo` is unreadable.
+ */
+export async function readMountPoints(): Promise<Map<string, string>> {
+  try {
+    const entries = parseMountinfo(await readFile('/proc/self/mountinfo', 'utf8'))
+    return new Map(entries.map((e) => [e.mountPoint, e.fsType]))
+  } catch {
+    return new Map()
+  }
+}
+
+function errnoCode(err: unknown): string | undefined {
+  return (err as NodeJS.ErrnoException | undefined)?.code
+}
+
+function fileKind(st: Stats): string {
+  if (st.isDirectory()) return 'a directory'
+  if (st.isSymbolicLink()) return 'a symbolic link'
+  if (st.isCharacterDevice()) return 'a character device'
+  if (st.isBlockDevice()) return 'a block device'
+  if (st.isFIFO()) return 'a FIFO'
+  if (st.isSocket()) return 'a socket'
+  return 'not a regular file'
+}
+
+async function resolveSource(path: string): Promise<string> {
+  let st: Stats
+  try {
+    st = await stat(path)
+  } catch (err) {
+    const code = errnoCode(err)
+    if (code === 'ENOENT' || code === 'ENOTDIR' || code === 'ELOOP') {
+      throw new BlockfuseError('SOURCE_NOT_FOUND', `source ${describe(path)} does not exist`, { cause: err })
+    }
+    throw new BlockfuseError('SOURCE_OPEN_FAILED', `cannot stat source ${describe(path)}: ${(err as Error).message}`, {
+      cause: err,
+    })
+  }
+  if (!st.isFile() && !st.isBlockDevice()) {
+    throw new BlockfuseError(
+      'SOURCE_NOT_FILE',
+      `source ${describe(path)} is ${fileKind(st)}; it must be a regular file or a block device`,
+    )
+  }
+  return realpath(path)
+}
+
+function inUse(path: string, why: string): BlockfuseError {
+  return new BlockfuseError('MOUNTPOINT_IN_USE', `mountpoint ${describe(path)} ${why}`)
+}
+
+function notFile(path: string, st: Stats): BlockfuseError {
+  return new BlockfuseError(
+    'MOUNTPOINT_NOT_FILE',
+    `mountpoint ${describe(path)} is ${fileKind(st)}; it must be a regular file (the export is one file)`,
+  )
+}
+
+function notFound(path: string, err?: unknown): BlockfuseError {
+  return new BlockfuseError(
+    'MOUNTPOINT_NOT_FOUND',
+    `mountpoint ${describe(path)} does not exist; create it as an empty regular file (e.g. \`touch ${path}\`)`,
+    { cause: err },
+  )
+}
+
+/**
+ * Checks a mountpoint without stat()ing a FUSE mount (a stat on a FUSE mount whose server is stuck,
+ * or is this very process, could hang): the registry and mountinfo are consulted first with the
+ * canonical path, and only then is the file itself examined.
+ */
+async function resolveMountpoint(path: string): Promise<string> {
+  const mounted = await readMountPoints()
+  const check = async (candidate: string) => {
+    if (isExported(candidate)) throw inUse(path, 'is already exported by this process')
+    const fsType = mounted.get(candidate)
+    if (fsType === undefined) return
+    // Another filesystem's root (e.g. /proc) is safe to stat and is better reported as what it is.
+    if (!fsType.startsWith('fuse')) {
+      const st = await lstat(candidate).catch(() => undefined)
+      if (st && !st.isFile()) throw notFile(path, st)
+    }
+    throw inUse(
+      path,
+      `already has a filesystem (${fsType}) mounted on it: another export, or a stale one (unmount it with \`umount ${candidate}\`)`,
+    )
+  }
+  await check(path)
+  if (path === '/') throw notFile(path, await lstat(path))
+  let parent: string
+  try {
+    parent = await realpath(dirname(path))
+  } catch (err) {
+    throw notFound(path, err)
+  }
+  let candidate = join(parent, basename(path))
+  await check(candidate)
+  let st: Stats
+  try {
+    st = await lstat(candidate)
+    if (st.isSymbolicLink()) {
+      candidate = await realpath(candidate)
+      await check(candidate)
+      st = await lstat(candidate)
+    }
+  } catch (err) {
+    if (err instanceof BlockfuseError) throw err
+    const code = errnoCode(err)
+    if (code === 'ENOENT' || code === 'ENOTDIR' || code === 'ELOOP') throw notFound(path, err)
+    throw new BlockfuseError('MOUNTPOINT_NOT_FOUND', `cannot stat mountpoint ${describe(path)}: ${(err as Error).message}`, {
+      cause: err,
+    })
+  }
+  if (!st.isFile()) throw notFile(path, st)
+  return candidate
+}
+
+/**
+ * Validates options ({@link normalizeOptions}) and checks the filesystem: the source exists and is
+ * a regular file or block device; the mountpoint exists, is a regular file, is not exported by this
+ * process and has nothing mounted on it. Paths in the result are absolute real paths.
+ */
+export async function resolveOptions(input: unknown): Promise<ResolvedFuseExportOptions> {
+  const options = normalizeOptions(input)
+  const source = typeof options.source === 'string' ? await resolveSource(options.source) : options.source
+  const mountpoint = await resolveMountpoint(options.mountpoint)
+  return { ...options, source, mountpoint }
+}
