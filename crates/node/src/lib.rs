@@ -1,4 +1,183 @@
+//! napi-rs binding of blockfuse-core: type conversion, error-code mapping and events. No logic:
+//! policy lives in ts/, semantics in the core. Errors reach JS as `CODE: message`; ts/native.ts
+//! turns the prefix into `err.code`.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use blockfuse_core::backend::{BlockBackend, CacheMode};
+use blockfuse_core::config::{self, ExportConfig, Source};
+use blockfuse_core::transport::{Session, SessionEvent};
+use napi::bindgen_prelude::*;
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi_derive::napi;
+
+fn js_error(code: &str, message: impl std::fmt::Display) -> Error {
+    Error::new(Status::GenericFailure, format!("{code}: {message}"))
+}
+
+fn core_error(e: blockfuse_core::Error) -> Error {
+    js_error(e.code(), &e)
+}
+
+/// Runs `f`, turning a panic into an INTERNAL error so that none crosses into Node.
+fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        Err(js_error("INTERNAL", format!("{what} panicked: {msg}")))
+    })
+}
+
+#[napi(object)]
+pub struct NativeExportConfig {
+    /// 'raw' | 'null'
+    pub format: String,
+    pub source: Option<String>,
+    pub null_size: Option<f64>,
+    pub mountpoint: String,
+    pub writable: bool,
+    pub growable: bool,
+    pub allow_other: bool,
+    pub threads: u32,
+    /// 'writeback' | 'none'
+    pub cache: String,
+    pub writethrough: bool,
+}
+
+#[napi(object)]
+#[derive(Clone)]
+pub struct NativeEvent {
+    /// 'halt'
+    pub kind: String,
+    pub reason: String,
+}
+
+fn to_core(c: NativeExportConfig) -> Result<ExportConfig> {
+    let invalid = |m: String| js_error("INVALID_CONFIG", m);
+    let source = match c.format.as_str() {
+        "raw" => Source::Raw(PathBuf::from(
+            c.source.ok_or_else(|| invalid("format raw needs a source path".into()))?,
+        )),
+        "null" => {
+            let size = c.null_size.ok_or_else(|| invalid("format null needs nullSize".into()))?;
+            if !(size >= 1.0 && size.fract() == 0.0 && size <= 9_007_199_254_740_991.0) {
+                return Err(invalid(format!("nullSize must be a positive integer, not {size}")));
+            }
+            Source::Null(size as u64)
+        }
+        other => return Err(invalid(format!("unknown format {other:?}"))),
+    };
+    let cache = match c.cache.as_str() {
+        "writeback" => CacheMode::Writeback,
+        "none" => CacheMode::None,
+        other => return Err(invalid(format!("unknown cache mode {other:?}"))),
+    };
+    Ok(ExportConfig {
+        source,
+        mountpoint: PathBuf::from(c.mountpoint),
+        writable: c.writable,
+        growable: c.growable,
+        allow_other: c.allow_other,
+        threads: c.threads as usize,
+        cache,
+        writethrough: c.writethrough,
+    })
+}
+
+type EventCallback = ThreadsafeFunction<NativeEvent>;
+
+pub struct MountTask {
+    config: Option<NativeExportConfig>,
+    on_event: Option<Arc<EventCallback>>,
+}
+
+impl Task for MountTask {
+    type Output = Session;
+    type JsValue = NativeExport;
+
+    fn compute(&mut self) -> Result<Session> {
+        let config = self.config.take().ok_or_else(|| js_error("INTERNAL", "mount ran twice"))?;
+        let callback = self.on_event.take();
+        no_panic("mount", move || {
+            let cfg = to_core(config)?;
+            let on_event = Box::new(move |ev: SessionEvent| {
+                let SessionEvent::Halt { reason } = ev;
+                if let Some(cb) = &callback {
+                    let ev = NativeEvent { kind: "halt".into(), reason };
+                    cb.call(Ok(ev), ThreadsafeFunctionCallMode::NonBlocking);
+                }
+            });
+            config::start(cfg, on_event).map_err(core_error)
+        })
+    }
+
+    fn resolve(&mut self, _env: Env, session: Session) -> Result<NativeExport> {
+        Ok(NativeExport { session: Arc::new(Mutex::new(Some(session))) })
+    }
+}
+
+pub struct CloseTask {
+    session: Arc<Mutex<Option<Session>>>,
+}
+
+impl Task for CloseTask {
+    type Output = ();
+    type JsValue = ();
+
+    fn compute(&mut self) -> Result<()> {
+        let session = self.session.clone();
+        no_panic("close", move || {
+            let taken = session.lock().unwrap_or_else(|e| e.into_inner()).take();
+            match taken {
+                // Dropping the session after shutdown releases the event callback, so Node may
+                // exit once every export is closed.
+                Some(mut s) => s.shutdown().map_err(core_error),
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn resolve(&mut self, _env: Env, _output: ()) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A mounted export. Private: the public API is ts/index.ts.
+#[napi]
+pub struct NativeExport {
+    session: Arc<Mutex<Option<Session>>>,
+}
+
+#[napi]
+impl NativeExport {
+    /// Mounts and answers FUSE INIT; resolves when the kernel can serve requests.
+    #[napi(ts_return_type = "Promise<NativeExport>")]
+    pub fn mount(
+        config: NativeExportConfig,
+        #[napi(ts_arg_type = "(err: Error | null, event: NativeEvent) => void")]
+        on_event: EventCallback,
+    ) -> AsyncTask<MountTask> {
+        AsyncTask::new(MountTask { config: Some(config), on_event: Some(Arc::new(on_event)) })
+    }
+
+    /// Unmounts, waits for in-flight requests, flushes the backend. Idempotent.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn close(&self) -> AsyncTask<CloseTask> {
+        AsyncTask::new(CloseTask { session: self.session.clone() })
+    }
+
+    /// Current size of the exported image in bytes (0 once closed).
+    #[napi(getter)]
+    pub fn size(&self) -> f64 {
+        let guard = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().map(|s| s.export().backend().len() as f64).unwrap_or(0.0)
+    }
+}
 
 #[napi]
 pub fn version() -> String {

@@ -1,0 +1,103 @@
+//! Block backends: what an export reads from and writes to. One trait, several implementations,
+//! and an enum that dispatches without boxing so the hot path never allocates.
+
+use std::io;
+
+mod memory;
+mod null;
+mod raw;
+
+pub use memory::MemoryBackend;
+pub use null::NullBackend;
+pub use raw::{CacheMode, RawBackend, RawOptions};
+
+/// Whether a range holds data or is a hole, as SEEK_DATA/SEEK_HOLE see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    /// `[offset, offset + len)` reads as data.
+    Data(u64),
+    /// `[offset, offset + len)` is unallocated and reads as zeros.
+    Hole(u64),
+}
+
+/// A disk image. Offsets and lengths are bytes; callers keep requests inside `len()` except for
+/// the resizing calls. Futures are not required to be `Send`: each queue drives its own
+/// current-thread runtime.
+#[allow(async_fn_in_trait)]
+pub trait BlockBackend: Send + Sync {
+    /// Current size in bytes.
+    fn len(&self) -> u64;
+    /// Request alignment the backend needs for offsets, lengths and buffers (1 = none).
+    fn alignment(&self) -> u32;
+    /// Optimal transfer size (STATFS block size, GETATTR blksize); at least 512.
+    fn optimal_transfer(&self) -> u32;
+    /// Bytes actually allocated on the host, or None when unknown.
+    fn allocated_bytes(&self) -> Option<u64>;
+    /// Fills `buf` from `offset`; the range lies inside `len()`.
+    async fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`; the range lies inside `len()`.
+    async fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable (fdatasync for files).
+    async fn flush(&self) -> io::Result<()>;
+    /// Resizes to `new_len`; with `preallocate`, the new range is allocated on the host.
+    async fn truncate(&self, new_len: u64, preallocate: bool) -> io::Result<()>;
+    /// Makes `[offset, offset+len)` read as zeros; with `unmap`, deallocates it where possible.
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+    /// The extent that starts at `offset` (inside `len()`), at least one byte long.
+    async fn extent_at(&self, offset: u64) -> io::Result<Extent>;
+    /// Whether `write_zeroes(.., unmap = true)` really deallocates.
+    fn can_unmap(&self) -> bool;
+}
+
+/// Every backend, dispatched statically.
+pub enum Backend {
+    Raw(RawBackend),
+    Null(NullBackend),
+    Memory(MemoryBackend),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $b:ident => $e:expr) => {
+        match $self {
+            Backend::Raw($b) => $e,
+            Backend::Null($b) => $e,
+            Backend::Memory($b) => $e,
+        }
+    };
+}
+
+impl BlockBackend for Backend {
+    fn len(&self) -> u64 {
+        dispatch!(self, b => b.len())
+    }
+    fn alignment(&self) -> u32 {
+        dispatch!(self, b => b.alignment())
+    }
+    fn optimal_transfer(&self) -> u32 {
+        dispatch!(self, b => b.optimal_transfer())
+    }
+    fn allocated_bytes(&self) -> Option<u64> {
+        dispatch!(self, b => b.allocated_bytes())
+    }
+    async fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        dispatch!(self, b => b.read_at(buf, offset).await)
+    }
+    async fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        dispatch!(self, b => b.write_at(buf, offset).await)
+    }
+    async fn flush(&self) -> io::Result<()> {
+        dispatch!(self, b => b.flush().await)
+    }
+    async fn truncate(&self, new_len: u64, preallocate: bool) -> io::Result<()> {
+        dispatch!(self, b => b.truncate(new_len, preallocate).await)
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        dispatch!(self, b => b.write_zeroes(offset, len, unmap).await)
+    }
+    async fn extent_at(&self, offset: u64) -> io::Result<Extent> {
+        dispatch!(self, b => b.extent_at(offset).await)
+    }
+    fn can_unmap(&self) -> bool {
+        dispatch!(self, b => b.can_unmap())
+    }
+}

@@ -1,0 +1,72 @@
+//! One export's whole configuration, already validated by the caller's policy layer (ts/), and
+//! the function that turns it into a running session. Rejects what it cannot serve.
+
+use std::path::PathBuf;
+
+use crate::backend::{Backend, CacheMode, NullBackend, RawBackend, RawOptions};
+use crate::error::{Error, Result};
+use crate::export::{Export, ExportOptions};
+use crate::sys;
+use crate::transport::{Session, SessionConfig, SessionEvent, MAX_TRANSFER};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// An image file (or block device) used as-is.
+    Raw(PathBuf),
+    /// A disk of this many bytes that reads zeros and drops writes.
+    Null(u64),
+}
+
+#[derive(Debug, Clone)]
+pub struct ExportConfig {
+    pub source: Source,
+    pub mountpoint: PathBuf,
+    pub writable: bool,
+    pub growable: bool,
+    pub allow_other: bool,
+    pub threads: usize,
+    pub cache: CacheMode,
+    pub writethrough: bool,
+}
+
+/// Most queues one export may have; each costs a thread and its buffers.
+pub const MAX_THREADS: usize = 64;
+
+/// Opens the backend, mounts, answers INIT; returns once the export serves requests.
+pub fn start(
+    cfg: ExportConfig,
+    on_event: Box<dyn Fn(SessionEvent) + Send + Sync>,
+) -> Result<Session> {
+    if cfg.growable && !cfg.writable {
+        return Err(Error::InvalidConfig("growable needs writable".into()));
+    }
+    if cfg.threads == 0 || cfg.threads > MAX_THREADS {
+        return Err(Error::InvalidConfig(format!(
+            "threads must be between 1 and {MAX_THREADS}, not {}",
+            cfg.threads
+        )));
+    }
+    let backend = match &cfg.source {
+        Source::Raw(path) => Backend::Raw(
+            RawBackend::open(path, RawOptions { writable: cfg.writable, cache: cfg.cache })
+                .map_err(|source| Error::SourceOpen { path: path.clone(), source })?,
+        ),
+        Source::Null(0) => return Err(Error::InvalidConfig("a null backend needs a size".into())),
+        Source::Null(len) => Backend::Null(NullBackend::new(*len)),
+    };
+    let (uid, gid) = sys::effective_ids();
+    let opts = ExportOptions {
+        writable: cfg.writable,
+        growable: cfg.growable,
+        allow_other: cfg.allow_other,
+        writethrough: cfg.writethrough,
+        max_read: MAX_TRANSFER,
+    };
+    let export = Export::new(backend, opts, uid, gid);
+    let session_cfg = SessionConfig {
+        mountpoint: cfg.mountpoint,
+        allow_other: cfg.allow_other,
+        threads: cfg.threads,
+    };
+    Session::start(export, session_cfg, on_event)
+}

@@ -1,0 +1,44 @@
+//! Setup errors of the core. Each variant has a stable code that the JS boundary exposes.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open source {path}: {source}")]
+    SourceOpen { path: PathBuf, source: std::io::Error },
+    #[error("mountpoint {0} does not exist")]
+    MountpointNotFound(PathBuf),
+    #[error("mountpoint {0} is not a regular file")]
+    MountpointNotFile(PathBuf),
+    #[error("{0}")]
+    FuseDevice(String),
+    #[error("{0}")]
+    Mount(String),
+    #[error("FUSE INIT failed: {0}")]
+    Init(String),
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    #[error("{0}")]
+    Unmount(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The stable code JS sees as `err.code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::SourceOpen { .. } => "SOURCE_OPEN_FAILED",
+            Error::MountpointNotFound(_) => "MOUNTPOINT_NOT_FOUND",
+            Error::MountpointNotFile(_) => "MOUNTPOINT_NOT_FILE",
+            Error::FuseDevice(_) => "FUSE_DEVICE_FAILED",
+            Error::Mount(_) => "MOUNT_FAILED",
+            Error::Init(_) => "INIT_FAILED",
+            Error::InvalidConfig(_) => "INVALID_CONFIG",
+            Error::Unmount(_) => "CLOSE_FAILED",
+            Error::Internal(_) => "INTERNAL",
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

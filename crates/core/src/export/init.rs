@@ -1,0 +1,69 @@
+//! FUSE_INIT negotiation: which protocol version and features we agree on with the kernel.
+
+use crate::protocol::abi::{
+    init_flags::*, KERNEL_MINOR_VERSION, KERNEL_VERSION, MIN_KERNEL_MINOR_VERSION,
+};
+use crate::protocol::encode::InitOut;
+
+/// What we would like; the kernel's offer may lower it.
+#[derive(Debug, Clone, Copy)]
+pub struct InitLimits {
+    /// Largest WRITE we can take in one request (our receive buffers are sized for it).
+    pub max_write: u32,
+    pub page_size: u32,
+}
+
+/// The agreed parameters the transport needs after INIT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Negotiated {
+    pub minor: u32,
+    pub flags: u32,
+    pub max_write: u32,
+}
+
+/// Pages in one request without FUSE_MAX_PAGES (`FUSE_DEFAULT_MAX_PAGES_PER_REQ`).
+const DEFAULT_MAX_PAGES: u32 = 32;
+
+/// Answers the kernel's INIT. Errors carry the reason to log; the caller replies EINVAL then.
+pub fn negotiate_init(
+    major: u32,
+    minor: u32,
+    max_readahead: u32,
+    kernel_flags: u32,
+    limits: InitLimits,
+) -> Result<(InitOut, Negotiated), String> {
+    if major != KERNEL_VERSION {
+        return Err(format!(
+            "FUSE major version mismatch: we speak {KERNEL_VERSION}, the kernel {major}"
+        ));
+    }
+    if minor < MIN_KERNEL_MINOR_VERSION {
+        return Err(format!(
+            "FUSE protocol 7.{minor} is too old: 7.{MIN_KERNEL_MINOR_VERSION} or newer is required"
+        ));
+    }
+    // ASYNC_READ and ASYNC_DIO let the kernel keep many reads/direct I/Os of one file in flight;
+    // BIG_WRITES and MAX_PAGES let a write be larger than a page / 128 KiB.
+    let wanted = FUSE_ASYNC_READ | FUSE_ASYNC_DIO | FUSE_BIG_WRITES | FUSE_MAX_PAGES;
+    let flags = kernel_flags & wanted;
+    let page = limits.page_size.max(4096);
+    let max_write = if flags & FUSE_MAX_PAGES != 0 {
+        limits.max_write
+    } else {
+        limits.max_write.min(DEFAULT_MAX_PAGES * page)
+    };
+    let minor = minor.min(KERNEL_MINOR_VERSION);
+    let out = InitOut {
+        major: KERNEL_VERSION,
+        minor,
+        max_readahead,
+        flags,
+        // libfuse's maximum, and its default ratio for the congestion threshold.
+        max_background: u16::MAX,
+        congestion_threshold: (u16::MAX as u32 * 3 / 4) as u16,
+        max_write,
+        time_gran: 1,
+        max_pages: max_write.div_ceil(page).min(u16::MAX as u32) as u16,
+    };
+    Ok((out, Negotiated { minor, flags, max_write }))
+}

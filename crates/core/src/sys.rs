@@ -1,0 +1,222 @@
+//! Every raw syscall the crate makes, each as a small safe wrapper. This is the only module with
+//! `unsafe`; each block says why it is sound. Nothing here knows about FUSE semantics.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+fn cstr(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn check_size(ret: isize) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// Effective user and group id of this process.
+pub fn effective_ids() -> (u32, u32) {
+    // SAFETY: geteuid/getegid take no arguments, cannot fail and touch no memory of ours.
+    unsafe { (libc::geteuid(), libc::getegid()) }
+}
+
+/// mount(2).
+pub fn mount(source: &str, target: &Path, fstype: &str, flags: u64, data: &str) -> io::Result<()> {
+    let source = CString::new(source)?;
+    let fstype = CString::new(fstype)?;
+    let data = CString::new(data)?;
+    let target = cstr(target)?;
+    // SAFETY: every pointer is a valid NUL-terminated string that outlives the call; the kernel
+    // only reads them.
+    check(unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags as libc::c_ulong,
+            data.as_ptr().cast(),
+        )
+    })
+    .map(drop)
+}
+
+/// umount2(2).
+pub fn umount2(target: &Path, flags: i32) -> io::Result<()> {
+    let target = cstr(target)?;
+    // SAFETY: `target` is a valid NUL-terminated string that outlives the call.
+    check(unsafe { libc::umount2(target.as_ptr(), flags) }).map(drop)
+}
+
+/// `FUSE_DEV_IOC_CLONE`: `_IOR(229, 0, uint32_t)`.
+const FUSE_DEV_IOC_CLONE: libc::c_ulong = 0x8004_e500;
+
+/// Attaches the freshly opened `/dev/fuse` fd `clone` to the connection of `session`.
+pub fn fuse_clone_fd(clone: BorrowedFd<'_>, session: BorrowedFd<'_>) -> io::Result<()> {
+    let master: u32 = session.as_raw_fd() as u32;
+    // SAFETY: FUSE_DEV_IOC_CLONE reads one u32 (the session fd) through the pointer, which points
+    // to a live local; both fds are open for the duration of the call.
+    check(unsafe { libc::ioctl(clone.as_raw_fd(), FUSE_DEV_IOC_CLONE, &master as *const u32) })
+        .map(drop)
+}
+
+/// fallocate(2).
+pub fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    let (offset, len) = (to_off(offset)?, to_off(len)?);
+    // SAFETY: plain syscall on an fd we own; no memory is passed.
+    check(unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) }).map(drop)
+}
+
+/// lseek(2) with SEEK_DATA or SEEK_HOLE; `Ok(None)` for ENXIO (no data / no hole after offset).
+pub fn seek_data_hole(file: &File, offset: u64, whence: i32) -> io::Result<Option<u64>> {
+    let offset = to_off(offset)?;
+    // SAFETY: plain syscall on an fd we own; lseek does not touch user memory. The fd's file
+    // position moves, which is harmless because all our I/O on it is positional.
+    let ret = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        return if err.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(err) };
+    }
+    Ok(Some(ret as u64))
+}
+
+fn to_off(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))
+}
+
+/// Direct-I/O alignment of an open file from statx(STATX_DIOALIGN): (memory, offset) alignment.
+/// `None` when the kernel or filesystem does not say.
+pub fn dio_alignment(file: &File) -> Option<(u32, u32)> {
+    // SAFETY: statx is plain old data; all-zero is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let empty = c"";
+    // SAFETY: `empty` is a valid C string, `stx` a valid out-pointer for the duration of the call;
+    // AT_EMPTY_PATH makes statx look at the fd itself.
+    let ret = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if ret < 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
+        return None;
+    }
+    Some((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
+}
+
+/// read(2) into `buf`, returning the byte count. One call: `/dev/fuse` returns one whole request
+/// per read, which is what the caller relies on.
+pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call.
+    check_size(unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
+}
+
+/// writev(2) of `parts`, returning the byte count. `/dev/fuse` takes a reply in one call.
+pub fn writev(fd: BorrowedFd<'_>, parts: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    // IoSlice is ABI-compatible with struct iovec (documented by std).
+    let count = parts.len().min(libc::c_int::MAX as usize) as libc::c_int;
+    // SAFETY: `parts` is a valid array of `count` iovecs, each pointing to live readable memory.
+    check_size(unsafe { libc::writev(fd.as_raw_fd(), parts.as_ptr().cast(), count) })
+}
+
+/// Clears FD_CLOEXEC on `fd` in a child process between fork and exec, so that it inherits it
+/// (the `_FUSE_COMMFD` socket for fusermount3).
+pub fn inherit_fd_in_child(cmd: &mut std::process::Command, fd: RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls fcntl, which is
+    // async-signal-safe; it allocates nothing and touches no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Receives one file descriptor sent with SCM_RIGHTS over a unix socket (fusermount3's reply).
+pub fn recv_fd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    // Room for one cmsghdr carrying one int, 8-byte aligned.
+    let mut control = [0u64; 8];
+    // SAFETY: msghdr is plain old data; all-zero is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    let n = loop {
+        // SAFETY: `msg` points to live buffers (`iov`, `control`) for the duration of the call.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        break check_size(n)?;
+    };
+    if n == 0 {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "fusermount3 sent no fd"));
+    }
+    // SAFETY: `msg` was filled by recvmsg; CMSG_FIRSTHDR only reads its control fields.
+    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    if cmsg.is_null() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "fusermount3 sent no fd"));
+    }
+    // SAFETY: `cmsg` is non-null and points into `control`, which the kernel filled.
+    let (level, kind) = unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type) };
+    if level != libc::SOL_SOCKET || kind != libc::SCM_RIGHTS {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "unexpected control message"));
+    }
+    // SAFETY: an SCM_RIGHTS message carries at least one int after the header; read unaligned
+    // because CMSG_DATA is only byte-aligned by contract.
+    let fd: RawFd = unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>()) };
+    // SAFETY: the kernel just installed `fd` in our table for us; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sets or clears O_NONBLOCK on `fd`.
+pub fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    // SAFETY: fcntl F_GETFL/F_SETFL on an fd we borrow; no memory is passed.
+    let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    let flags = if on { flags | libc::O_NONBLOCK } else { flags & !libc::O_NONBLOCK };
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags) }).map(drop)
+}
+
+/// The system page size.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf takes a constant and touches no memory of ours.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as usize
+    } else {
+        4096
+    }
+}
+
+/// Registers `fd` with the current tokio reactor for readability.
+pub fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd is a valid open fd that returns the same number from as_raw_fd for its
+    // whole life, and the AsyncFd owns it from here on.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}

@@ -1,0 +1,208 @@
+//! One /dev/fuse queue: its fd, its thread's current-thread runtime, and the workers that read,
+//! dispatch and answer requests on it. Replies always go to the fd the request came from.
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
+
+use super::buffer::RequestBuffer;
+use crate::export::{Export, Outcome};
+use crate::protocol::abi::size;
+use crate::protocol::decode::{decode, DecodeError, HaltReason};
+use crate::protocol::encode::{out_header, MAX_SMALL_REPLY};
+use crate::sys;
+
+/// Why the queues stopped on their own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopCause {
+    /// The request stream cannot be trusted any more.
+    Halt(String),
+    /// The kernel ended the connection (the mount was removed from outside).
+    Disconnected,
+}
+
+/// State every queue of one export shares.
+pub struct Shared {
+    pub export: Export,
+    stop: AtomicBool,
+    stop_notify: Notify,
+    /// The first reason the queues stopped by themselves, reported once.
+    on_stop: Box<dyn Fn(StopCause) + Send + Sync>,
+    stopped_reported: AtomicBool,
+    in_flight: AtomicU64,
+    pub max_write: usize,
+}
+
+impl Shared {
+    pub fn new(
+        export: Export,
+        max_write: usize,
+        on_stop: Box<dyn Fn(StopCause) + Send + Sync>,
+    ) -> Self {
+        Shared {
+            export,
+            stop: AtomicBool::new(false),
+            stop_notify: Notify::new(),
+            on_stop,
+            stopped_reported: AtomicBool::new(false),
+            in_flight: AtomicU64::new(0),
+            max_write,
+        }
+    }
+
+    /// Asks every worker of every queue to finish its current request and exit.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.stop_notify.notify_waiters();
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn stop_by_itself(&self, cause: StopCause) {
+        self.request_stop();
+        if !self.stopped_reported.swap(true, Ordering::AcqRel) {
+            (self.on_stop)(cause);
+        }
+    }
+}
+
+/// Concurrent workers per queue; each owns one request buffer (max_write + a page).
+pub const WORKERS_PER_QUEUE: usize = 1;
+
+/// Runs one queue on the current thread until the export stops. Returns after every worker
+/// finished its last request.
+pub fn run_queue(fd: OwnedFd, shared: Arc<Shared>) -> io::Result<()> {
+    sys::set_nonblocking(fd.as_fd(), true)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let afd = Rc::new(sys::async_fd(fd)?);
+        let page = sys::page_size();
+        let mut workers = Vec::with_capacity(WORKERS_PER_QUEUE);
+        for _ in 0..WORKERS_PER_QUEUE {
+            let buf = RequestBuffer::new(shared.max_write, page);
+            workers.push(tokio::task::spawn_local(worker(afd.clone(), shared.clone(), buf)));
+        }
+        for w in workers {
+            w.await.map_err(|e| io::Error::other(format!("queue worker failed: {e}")))?;
+        }
+        Ok(())
+    })
+}
+
+/// Reads one request into `buf`. `None` when the export is stopping.
+async fn receive(
+    afd: &AsyncFd<OwnedFd>,
+    shared: &Shared,
+    buf: &mut RequestBuffer,
+) -> Option<usize> {
+    loop {
+        let stop = shared.stop_notify.notified();
+        tokio::pin!(stop);
+        stop.as_mut().enable();
+        if shared.stopping() {
+            return None;
+        }
+        let mut guard = tokio::select! {
+            biased;
+            _ = &mut stop => return None,
+            g = afd.readable() => match g {
+                Ok(g) => g,
+                Err(e) => {
+                    shared.stop_by_itself(StopCause::Halt(format!("polling /dev/fuse failed: {e}")));
+                    return None;
+                }
+            },
+        };
+        match guard.try_io(|fd| sys::read(fd.get_ref().as_fd(), buf.receive_area())) {
+            Err(_would_block) => continue,
+            Ok(Ok(n)) => return Some(n),
+            Ok(Err(e)) => match e.raw_os_error() {
+                // Interrupted, or the request was aborted before we read it: try again.
+                Some(libc::EINTR) | Some(libc::ENOENT) | Some(libc::EAGAIN) => continue,
+                // The connection is gone: unmounted (by us or from outside) or aborted.
+                Some(libc::ENODEV) => {
+                    shared.stop_by_itself(StopCause::Disconnected);
+                    return None;
+                }
+                _ => {
+                    shared
+                        .stop_by_itself(StopCause::Halt(format!("reading /dev/fuse failed: {e}")));
+                    return None;
+                }
+            },
+        }
+    }
+}
+
+async fn worker(afd: Rc<AsyncFd<OwnedFd>>, shared: Arc<Shared>, mut buf: RequestBuffer) {
+    let mut small = [0u8; MAX_SMALL_REPLY];
+    while let Some(n) = receive(&afd, &shared, &mut buf).await {
+        shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        let keep_going = serve_one(&afd, &shared, &mut buf, n, &mut small).await;
+        shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if !keep_going {
+            break;
+        }
+    }
+}
+
+/// Decodes, dispatches and answers one request. Returns false when the export must halt.
+async fn serve_one(
+    afd: &AsyncFd<OwnedFd>,
+    shared: &Shared,
+    buf: &mut RequestBuffer,
+    n: usize,
+    small: &mut [u8; MAX_SMALL_REPLY],
+) -> bool {
+    // Decode into owned scalars before the first await; the buffer is reused for the reply.
+    let (header, op) = match decode(buf.request(n)) {
+        Ok(req) => (req.header, req.op),
+        Err(DecodeError::Halt(reason)) => {
+            halt(shared, reason);
+            return false;
+        }
+        Err(DecodeError::Malformed { header, errno }) => {
+            reply(afd, header.unique, Outcome::Error(errno), small, buf);
+            return true;
+        }
+    };
+    let outcome = shared.export.handle(header.opcode, op, small, buf.data()).await;
+    reply(afd, header.unique, outcome, small, buf);
+    true
+}
+
+fn halt(shared: &Shared, reason: HaltReason) {
+    shared.stop_by_itself(StopCause::Halt(reason.to_string()));
+}
+
+fn reply(
+    afd: &AsyncFd<OwnedFd>,
+    unique: u64,
+    outcome: Outcome,
+    small: &[u8; MAX_SMALL_REPLY],
+    buf: &mut RequestBuffer,
+) {
+    let (error, body): (i32, &[u8]) = match outcome {
+        Outcome::NoReply => return,
+        Outcome::Error(errno) => (-errno, &[]),
+        Outcome::Small(n) => (0, &small[..n]),
+        Outcome::Data(n) => (0, &buf.data()[..n]),
+    };
+    let mut header = [0u8; size::OUT_HEADER];
+    out_header(&mut header, (size::OUT_HEADER + body.len()) as u32, error, unique);
+    // /dev/fuse takes a whole reply in one write and never blocks. ENOENT means the request was
+    // interrupted or aborted meanwhile; nobody waits for the answer any more.
+    let _ = sys::writev(afd.get_ref().as_fd(), &[IoSlice::new(&header), IoSlice::new(body)]);
+}

@@ -1,0 +1,220 @@
+//! An export's life: mount, answer INIT, start one thread per queue (the mount's fd plus clones
+//! made with FUSE_DEV_IOC_CLONE), and on close unmount, drain the queues and flush.
+
+use std::fs::OpenOptions;
+use std::io::IoSlice;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use super::mount::{self, MountMethod, MountOptions};
+use super::queue::{run_queue, Shared, StopCause};
+use crate::backend::BlockBackend;
+use crate::error::{Error, Result};
+use crate::export::{negotiate_init, Export, InitLimits, Negotiated};
+use crate::protocol::abi::{opcode, size};
+use crate::protocol::decode::{decode, DecodeError, Op};
+use crate::protocol::encode::{init_out, out_header, MAX_SMALL_REPLY};
+use crate::sys;
+
+/// Largest READ and WRITE we negotiate: 1 MiB, with FUSE_MAX_PAGES (QEMU stops at 64 KiB).
+pub const MAX_TRANSFER: u32 = 1 << 20;
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub mountpoint: PathBuf,
+    pub allow_other: bool,
+    /// Number of /dev/fuse queues, each with its own thread (>= 1).
+    pub threads: usize,
+}
+
+/// Something the session reports on its own, outside any call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// The request stream could not be trusted; the queues stopped. The mount is still there.
+    Halt { reason: String },
+}
+
+pub struct Session {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<std::io::Result<()>>>,
+    mountpoint: PathBuf,
+    method: MountMethod,
+    mounted: bool,
+    negotiated: Negotiated,
+}
+
+impl Session {
+    /// Mounts `export` and returns once the kernel has been answered INIT, i.e. the mountpoint
+    /// serves requests.
+    pub fn start(
+        export: Export,
+        cfg: SessionConfig,
+        on_event: Box<dyn Fn(SessionEvent) + Send + Sync>,
+    ) -> Result<Session> {
+        if cfg.threads == 0 {
+            return Err(Error::InvalidConfig("threads must be at least 1".into()));
+        }
+        let read_only = !export.options().writable;
+        let opts = MountOptions {
+            mountpoint: cfg.mountpoint.clone(),
+            read_only,
+            allow_other: cfg.allow_other,
+            max_read: export.options().max_read,
+        };
+        let (fd, method) = mount::mount(&opts)?;
+        let unmount_on_error = |e: Error| {
+            let _ = mount::unmount(&cfg.mountpoint, method);
+            e
+        };
+        let page = sys::page_size() as u32;
+        let negotiated = answer_init(&fd, InitLimits { max_write: MAX_TRANSFER, page_size: page })
+            .map_err(unmount_on_error)?;
+
+        let mut fds = vec![fd];
+        for _ in 1..cfg.threads {
+            fds.push(clone_fd(&fds[0]).map_err(unmount_on_error)?);
+        }
+        let on_stop = Box::new(move |cause: StopCause| match cause {
+            StopCause::Halt(reason) => on_event(SessionEvent::Halt { reason }),
+            StopCause::Disconnected => on_event(SessionEvent::Halt {
+                reason: "the kernel ended the FUSE connection (unmounted from outside?)".into(),
+            }),
+        });
+        let shared = Arc::new(Shared::new(export, negotiated.max_write as usize, on_stop));
+        let mut threads = Vec::with_capacity(fds.len());
+        for (i, fd) in fds.into_iter().enumerate() {
+            let queue_shared = shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("blockfuse-q{i}"))
+                .spawn(move || run_queue(fd, queue_shared));
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    let mut s = Session {
+                        shared,
+                        threads,
+                        mountpoint: cfg.mountpoint.clone(),
+                        method,
+                        mounted: true,
+                        negotiated,
+                    };
+                    let _ = s.shutdown();
+                    return Err(Error::Internal(format!("cannot start queue thread: {e}")));
+                }
+            }
+        }
+        Ok(Session {
+            shared,
+            threads,
+            mountpoint: cfg.mountpoint,
+            method,
+            mounted: true,
+            negotiated,
+        })
+    }
+
+    pub fn export(&self) -> &Export {
+        &self.shared.export
+    }
+
+    pub fn negotiated(&self) -> Negotiated {
+        self.negotiated
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.shared.in_flight()
+    }
+
+    /// Unmounts, lets every queue finish the request it is serving, and flushes the backend.
+    /// Idempotent.
+    pub fn shutdown(&mut self) -> Result<()> {
+        // Unmount first, while the queues still answer: the mountpoint is uncovered at once.
+        let unmounted = if self.mounted {
+            self.mounted = false;
+            mount::unmount(&self.mountpoint, self.method)
+        } else {
+            Ok(())
+        };
+        self.shared.request_stop();
+        let mut failure = None;
+        for t in self.threads.drain(..) {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = Some(format!("queue failed: {e}")),
+                Err(_) => failure = Some("queue thread panicked".to_string()),
+            }
+        }
+        let flushed = futures_lite_block_on(self.shared.export.backend().flush());
+        unmounted?;
+        if let Some(f) = failure {
+            return Err(Error::Internal(f));
+        }
+        flushed.map_err(|e| Error::Internal(format!("final flush failed: {e}")))
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+/// Runs one future to completion on a throwaway current-thread runtime (close path only).
+fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
+    match tokio::runtime::Builder::new_current_thread().build() {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => panic!("cannot build a runtime to flush: {e}"),
+    }
+}
+
+fn clone_fd(session: &OwnedFd) -> Result<OwnedFd> {
+    let dev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(|e| Error::FuseDevice(format!("cannot open /dev/fuse for a queue: {e}")))?;
+    sys::fuse_clone_fd(dev.as_fd(), session.as_fd())
+        .map_err(|e| Error::FuseDevice(format!("failed to clone /dev/fuse fd: {e}")))?;
+    Ok(dev.into())
+}
+
+/// Reads the kernel's INIT from the fresh session fd and answers it.
+fn answer_init(fd: &OwnedFd, limits: InitLimits) -> Result<Negotiated> {
+    let mut buf = vec![0u8; size::IN_HEADER + size::WRITE_IN + limits.max_write as usize + 4096];
+    let n = loop {
+        match sys::read(fd.as_fd(), &mut buf) {
+            Ok(n) => break n,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return Err(Error::Init(format!("reading INIT from /dev/fuse failed: {e}"))),
+        }
+    };
+    let req = match decode(&buf[..n]) {
+        Ok(r) => r,
+        Err(DecodeError::Halt(h)) => return Err(Error::Init(h.to_string())),
+        Err(DecodeError::Malformed { .. }) => {
+            return Err(Error::Init("the kernel's INIT request is too short".into()))
+        }
+    };
+    let Op::Init { major, minor, max_readahead, flags } = req.op else {
+        return Err(Error::Init(format!(
+            "expected INIT as the first request, got opcode {} ({})",
+            req.header.opcode,
+            opcode::name(req.header.opcode)
+        )));
+    };
+    let mut body = [0u8; MAX_SMALL_REPLY];
+    let mut header = [0u8; size::OUT_HEADER];
+    let (len, error, result) = match negotiate_init(major, minor, max_readahead, flags, limits) {
+        Ok((out, negotiated)) => (init_out(&mut body, &out), 0, Ok(negotiated)),
+        Err(reason) => {
+            log::error!("{reason}");
+            (0, -libc::EPROTO, Err(Error::Init(reason)))
+        }
+    };
+    out_header(&mut header, (size::OUT_HEADER + len) as u32, error, req.header.unique);
+    sys::writev(fd.as_fd(), &[IoSlice::new(&header), IoSlice::new(&body[..len])])
+        .map_err(|e| Error::Init(format!("answering INIT failed: {e}")))?;
+    result
+}
