@@ -7,13 +7,7 @@ import { join } from 'node:path'
 
 import test from 'ava'
 
-import {
-  BlockfuseError,
-  FuseExport,
-  normalizeOptions,
-  parseSize,
-  type FuseExportOptions,
-} from '../ts/index.js'
+import { BlockfuseError, FuseExport, normalizeOptions, parseSize, type FuseExportOptions } from '../ts/index.js'
 import { parseMountinfo } from '../ts/options.js'
 import { imageFixture, withExport } from './helpers/exports.js'
 import { isMounted } from './helpers/mounts.js'
@@ -56,7 +50,15 @@ test('explicit options are kept', (t) => {
     // undefined means "not given"
     source: '/img.raw',
   })
-  t.like(o, { writable: true, growable: true, allowOther: 'off', threads: 64, cache: 'none', writethrough: true, onHalt: 'keep' })
+  t.like(o, {
+    writable: true,
+    growable: true,
+    allowOther: 'off',
+    threads: 64,
+    cache: 'none',
+    writethrough: true,
+    onHalt: 'keep',
+  })
   t.is(normalizeOptions({ ...base, writable: undefined }).writable, false)
 })
 
@@ -75,7 +77,11 @@ const invalidOptions: Array<[string, unknown, RegExp]> = [
   ['growable without writable', { ...base, growable: true }, /"growable" needs "writable: true"/],
   ['a bad format', { ...base, format: 'qcow2' }, /"format" must be one of "raw", "null", got "qcow2"/],
   ['format null with a path', { ...base, format: 'null' }, /"format" is "null" but "source" is a path \("\/img.raw"\)/],
-  ['format raw with a null source', { ...base, source: { null: 1 }, format: 'raw' }, /"format" is "raw" but "source" is a null backend/],
+  [
+    'format raw with a null source',
+    { ...base, source: { null: 1 }, format: 'raw' },
+    /"format" is "raw" but "source" is a null backend/,
+  ],
   ['a boolean allowOther', { ...base, allowOther: true }, /"allowOther" must be one of "on", "off", "auto", got true/],
   ['a bad allowOther', { ...base, allowOther: 'maybe' }, /"allowOther" must be one of .* got "maybe"/],
   ['a bad cache', { ...base, cache: 'direct' }, /"cache" must be one of "writeback", "none", got "direct"/],
@@ -172,21 +178,39 @@ test('mountinfo lines are parsed with their escapes decoded', (t) => {
 // --- FuseExport.create with real files -------------------------------------------------------
 
 async function rejects(t: import('ava').ExecutionContext, options: unknown, code: string, message: RegExp) {
-  const err = await t.throwsAsync(FuseExport.create(options as FuseExportOptions), { instanceOf: BlockfuseError, message })
+  const err = await t.throwsAsync(FuseExport.create(options as FuseExportOptions), {
+    instanceOf: BlockfuseError,
+    message,
+  })
   t.is(err?.code, code, `expected ${code}, got ${err?.code}: ${err?.message}`)
 }
 
 test('create: a missing mountpoint is MOUNTPOINT_NOT_FOUND', async (t) => {
   const f = await imageFixture(t)
-  await rejects(t, { source: f.image, mountpoint: join(f.dir, 'nope') }, 'MOUNTPOINT_NOT_FOUND', /mountpoint ".*\/nope" does not exist/)
-  await rejects(t, { source: f.image, mountpoint: join(f.dir, 'no/such/dir/mnt') }, 'MOUNTPOINT_NOT_FOUND', /does not exist/)
+  await rejects(
+    t,
+    { source: f.image, mountpoint: join(f.dir, 'nope') },
+    'MOUNTPOINT_NOT_FOUND',
+    /mountpoint ".*\/nope" does not exist/,
+  )
+  await rejects(
+    t,
+    { source: f.image, mountpoint: join(f.dir, 'no/such/dir/mnt') },
+    'MOUNTPOINT_NOT_FOUND',
+    /does not exist/,
+  )
 })
 
 test('create: a directory mountpoint is MOUNTPOINT_NOT_FILE', async (t) => {
   const f = await imageFixture(t)
   const dir = join(f.dir, 'dir')
   await mkdir(dir)
-  await rejects(t, { source: f.image, mountpoint: dir }, 'MOUNTPOINT_NOT_FILE', /mountpoint ".*\/dir" is a directory; it must be a regular file/)
+  await rejects(
+    t,
+    { source: f.image, mountpoint: dir },
+    'MOUNTPOINT_NOT_FILE',
+    /mountpoint ".*\/dir" is a directory; it must be a regular file/,
+  )
   await rejects(t, { source: f.image, mountpoint: '/' }, 'MOUNTPOINT_NOT_FILE', /is a directory/)
   const link = join(f.dir, 'link-to-dir')
   await symlink(dir, link)
@@ -207,7 +231,12 @@ test('create: a mountpoint with something else mounted on it is MOUNTPOINT_IN_US
   await mustRun('mount', ['--bind', other, f.mountpoint])
   try {
     t.true(await isMounted(f.mountpoint))
-    await rejects(t, { source: f.image, mountpoint: f.mountpoint }, 'MOUNTPOINT_IN_USE', /already has a filesystem \(ext4\) mounted on it/)
+    await rejects(
+      t,
+      { source: f.image, mountpoint: f.mountpoint },
+      'MOUNTPOINT_IN_USE',
+      /already has a filesystem \(ext4\) mounted on it/,
+    )
   } finally {
     await mustRun('umount', [f.mountpoint])
   }
@@ -218,9 +247,24 @@ test('create: a mountpoint this process already exports is MOUNTPOINT_IN_USE, al
   const alias = join(f.dir, 'alias')
   await symlink(f.mountpoint, alias)
   await withExport({ source: f.image, mountpoint: f.mountpoint }, async () => {
-    await rejects(t, { source: f.image, mountpoint: f.mountpoint }, 'MOUNTPOINT_IN_USE', /is already exported by this process/)
-    await rejects(t, { source: { null: '1M' }, mountpoint: alias }, 'MOUNTPOINT_IN_USE', /is already exported by this process/)
-    await rejects(t, { source: f.image, mountpoint: join(f.dir, '.', 'x', '..', 'mnt') }, 'MOUNTPOINT_IN_USE', /already exported/)
+    await rejects(
+      t,
+      { source: f.image, mountpoint: f.mountpoint },
+      'MOUNTPOINT_IN_USE',
+      /is already exported by this process/,
+    )
+    await rejects(
+      t,
+      { source: { null: '1M' }, mountpoint: alias },
+      'MOUNTPOINT_IN_USE',
+      /is already exported by this process/,
+    )
+    await rejects(
+      t,
+      { source: f.image, mountpoint: join(f.dir, '.', 'x', '..', 'mnt') },
+      'MOUNTPOINT_IN_USE',
+      /already exported/,
+    )
   })
   t.false(await isMounted(f.mountpoint))
 })
@@ -241,12 +285,22 @@ test('create: two concurrent exports on one mountpoint, one wins and the other i
 
 test('create: a missing source is SOURCE_NOT_FOUND', async (t) => {
   const f = await imageFixture(t)
-  await rejects(t, { source: join(f.dir, 'missing.raw'), mountpoint: f.mountpoint }, 'SOURCE_NOT_FOUND', /source ".*\/missing.raw" does not exist/)
+  await rejects(
+    t,
+    { source: join(f.dir, 'missing.raw'), mountpoint: f.mountpoint },
+    'SOURCE_NOT_FOUND',
+    /source ".*\/missing.raw" does not exist/,
+  )
 })
 
 test('create: a directory source is SOURCE_NOT_FILE', async (t) => {
   const f = await imageFixture(t)
-  await rejects(t, { source: f.dir, mountpoint: f.mountpoint }, 'SOURCE_NOT_FILE', /source ".*" is a directory; it must be a regular file or a block device/)
+  await rejects(
+    t,
+    { source: f.dir, mountpoint: f.mountpoint },
+    'SOURCE_NOT_FILE',
+    /source ".*" is a directory; it must be a regular file or a block device/,
+  )
 })
 
 test('create: rejects a bad null size, growable without writable, bad threads, an unknown option, a bad allowOther', async (t) => {
@@ -258,7 +312,12 @@ test('create: rejects a bad null size, growable without writable, bad threads, a
   await rejects(t, { ...mp, source: f.image, threads: 0 }, 'INVALID_OPTION', /"threads"/)
   await rejects(t, { ...mp, source: f.image, threads: 1000 }, 'INVALID_OPTION', /got 1000/)
   await rejects(t, { ...mp, source: f.image, allowOthers: 'on' }, 'INVALID_OPTION', /unknown option "allowOthers"/)
-  await rejects(t, { ...mp, source: f.image, allowOther: 'yes' }, 'INVALID_OPTION', /"allowOther" must be one of "on", "off", "auto", got "yes"/)
+  await rejects(
+    t,
+    { ...mp, source: f.image, allowOther: 'yes' },
+    'INVALID_OPTION',
+    /"allowOther" must be one of "on", "off", "auto", got "yes"/,
+  )
   t.false(await isMounted(f.mountpoint))
 })
 

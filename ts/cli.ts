@@ -34,10 +34,9 @@ function describeSource(exp: FuseExport): string {
 function readyLine(exp: FuseExport): string {
   const { format, writable, growable, threads } = exp.options
   const mode = writable ? (growable ? 'writable, growable' : 'writable') : 'read-only'
-  const other = exp.allowOther ? ', allow-other' : ''
   return (
     `ready: ${describeSource(exp)} exported at ${exp.mountpoint} ` +
-    `(${format}, ${exp.size} bytes, ${mode}${other}, ${threads} ${threads === 1 ? 'thread' : 'threads'})`
+    `(${format}, ${exp.size} bytes, ${mode}, ${threads} ${threads === 1 ? 'thread' : 'threads'})`
   )
 }
 

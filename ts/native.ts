@@ -36,10 +36,7 @@ export interface NativeExport {
 }
 
 interface NativeExportStatic {
-  mount(
-    config: NativeExportConfig,
-    onEvent: (err: Error | null, event: NativeEvent) => void,
-  ): Promise<NativeExport>
+  mount(config: NativeExportConfig, onEvent: (err: Error | null, event: NativeEvent) => void): Promise<NativeExport>
 }
 
 interface NativeBinding {

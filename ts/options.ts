@@ -131,9 +131,7 @@ function optionalEnum<T extends string>(
   const value = options[key]
   if (value === undefined) return fallback
   if (typeof value !== 'string' || !(allowed as readonly string[]).includes(value)) {
-    throw invalid(
-      `option "${key}" must be one of ${allowed.map((a) => `"${a}"`).join(', ')}, got ${describe(value)}`,
-    )
+    throw invalid(`option "${key}" must be one of ${allowed.map((a) => `"${a}"`).join(', ')}, got ${describe(value)}`)
   }
   return value as T
 }
@@ -397,9 +395,13 @@ async function resolveMountpoint(path: string): Promise<string> {
     if (err instanceof BlockfuseError) throw err
     const code = errnoCode(err)
     if (code === 'ENOENT' || code === 'ENOTDIR' || code === 'ELOOP') throw notFound(path, err)
-    throw new BlockfuseError('MOUNTPOINT_NOT_FOUND', `cannot stat mountpoint ${describe(path)}: ${(err as Error).message}`, {
-      cause: err,
-    })
+    throw new BlockfuseError(
+      'MOUNTPOINT_NOT_FOUND',
+      `cannot stat mountpoint ${describe(path)}: ${(err as Error).message}`,
+      {
+        cause: err,
+      },
+    )
   }
   if (!st.isFile()) throw notFile(path, st)
   return candidate

@@ -13,7 +13,9 @@ export function assertE2eEnvironment(tools: readonly string[]): void {
   try {
     accessSync('/dev/fuse', constants.R_OK | constants.W_OK)
   } catch (err) {
-    missing.push(`/dev/fuse (${(err as Error).message}; load the fuse module / run the container with --device /dev/fuse)`)
+    missing.push(
+      `/dev/fuse (${(err as Error).message}; load the fuse module / run the container with --device /dev/fuse)`,
+    )
   }
   for (const tool of tools) if (!hasTool(tool)) missing.push(`the ${tool} command (apt-get install ${packageOf(tool)})`)
   if (missing.length > 0) {

@@ -10,7 +10,11 @@ export interface RunResult {
 }
 
 /** Runs `cmd args` to completion; never rejects for a non-zero exit (only if it cannot start). */
-export function run(cmd: string, args: readonly string[], options: SpawnOptions & { input?: string } = {}): Promise<RunResult> {
+export function run(
+  cmd: string,
+  args: readonly string[],
+  options: SpawnOptions & { input?: string } = {},
+): Promise<RunResult> {
   return new Promise((resolve, reject) => {
     const input = options.input
     const child = spawn(cmd, args, { ...options, stdio: [input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'] })

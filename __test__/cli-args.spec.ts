@@ -1,0 +1,117 @@
+/** The CLI's argument parsing, as pure unit tests (no process is spawned here). */
+import test from 'ava'
+
+import { parseCliArgs, parseSource, UsageError } from '../ts/cli-args.js'
+
+test('help and version', (t) => {
+  t.deepEqual(parseCliArgs(['--help']), { kind: 'help', topic: 'main' })
+  t.deepEqual(parseCliArgs(['-h']), { kind: 'help', topic: 'main' })
+  t.deepEqual(parseCliArgs(['help', 'export']), { kind: 'help', topic: 'export' })
+  t.deepEqual(parseCliArgs(['export', '--help']), { kind: 'help', topic: 'export' })
+  t.deepEqual(parseCliArgs(['export', 'a', '-h']), { kind: 'help', topic: 'export' })
+  t.deepEqual(parseCliArgs(['--version']), { kind: 'version' })
+  t.deepEqual(parseCliArgs(['-V']), { kind: 'version' })
+})
+
+test('a minimal export uses the API defaults', (t) => {
+  t.deepEqual(parseCliArgs(['export', 'img.raw', 'mnt']), {
+    kind: 'export',
+    options: { source: 'img.raw', mountpoint: 'mnt' },
+    json: false,
+  })
+})
+
+test('every export option maps to the API option', (t) => {
+  const cmd = parseCliArgs([
+    'export',
+    '--writable',
+    '--growable',
+    '--allow-other',
+    'off',
+    '--threads',
+    '4',
+    '--format',
+    'raw',
+    '--cache',
+    'none',
+    '--writethrough',
+    '--on-halt',
+    'keep',
+    '--json',
+    'img.raw',
+    'mnt',
+  ])
+  t.deepEqual(cmd, {
+    kind: 'export',
+    options: {
+      source: 'img.raw',
+      mountpoint: 'mnt',
+      writable: true,
+      growable: true,
+      allowOther: 'off',
+      threads: 4,
+      format: 'raw',
+      cache: 'none',
+      writethrough: true,
+      onHalt: 'keep',
+    },
+    json: true,
+  })
+  t.like(parseCliArgs(['export', '--threads=2', '--allow-other=auto', 'a', 'b']), {
+    options: { threads: 2, allowOther: 'auto' },
+  })
+})
+
+test('null:<size> is a null backend; other sources are paths', (t) => {
+  t.deepEqual(parseSource('null:1G'), { null: '1G' })
+  t.deepEqual(parseSource('null:'), { null: '' })
+  t.is(parseSource('./null:1G'), './null:1G')
+  t.is(parseSource('/images/disk.raw'), '/images/disk.raw')
+  t.like(parseCliArgs(['export', 'null:64k', 'mnt']), { options: { source: { null: '64k' }, mountpoint: 'mnt' } })
+})
+
+test('positionals after -- may start with a dash', (t) => {
+  t.like(parseCliArgs(['export', '--', '-img.raw', '-mnt']), { options: { source: '-img.raw', mountpoint: '-mnt' } })
+})
+
+const usageErrors: Array<[string, string[], RegExp]> = [
+  ['no command', [], /missing command/],
+  ['an unknown command', ['serve', 'a', 'b'], /unknown command "serve"/],
+  ['an unknown top-level option', ['--verbose'], /unknown option --verbose/],
+  ['extra arguments after --version', ['--version', 'x'], /unexpected argument/],
+  ['export without arguments', ['export'], /export needs <source> and <mountpoint>/],
+  ['export with one argument', ['export', 'img.raw'], /export needs <source> and <mountpoint>/],
+  ['export with three arguments', ['export', 'a', 'b', 'c'], /export takes two arguments, got 3: a b c/],
+  ['an unknown export option', ['export', '--readonly', 'a', 'b'], /Unknown option '--readonly'/],
+  ['a flag given a value', ['export', '--writable=yes', 'a', 'b'], /--writable/],
+  ['a missing option value', ['export', 'a', 'b', '--threads'], /--threads/],
+  ['non-numeric threads', ['export', '--threads', 'many', 'a', 'b'], /--threads must be a whole number, got "many"/],
+  ['negative threads', ['export', '--threads=-1', 'a', 'b'], /--threads must be a whole number, got "-1"/],
+  [
+    'a bad --allow-other',
+    ['export', '--allow-other', 'yes', 'a', 'b'],
+    /--allow-other must be one of on, off, auto, got "yes"/,
+  ],
+  ['a bad --format', ['export', '--format', 'qcow2', 'a', 'b'], /--format must be one of raw, null, got "qcow2"/],
+  ['a bad --cache', ['export', '--cache', 'direct', 'a', 'b'], /--cache must be one of writeback, none/],
+  ['a bad --on-halt', ['export', '--on-halt', 'stop', 'a', 'b'], /--on-halt must be one of unmount, keep/],
+]
+
+for (const [what, argv, message] of usageErrors) {
+  test(`usage error: ${what}`, (t) => {
+    const err = t.throws(() => parseCliArgs(argv), { instanceOf: UsageError, message })
+    t.is(err?.code, 'USAGE')
+  })
+}
+
+test('usage errors after export point at the export usage', (t) => {
+  t.is(t.throws(() => parseCliArgs(['export', 'a']), { instanceOf: UsageError })?.topic, 'export')
+  t.is(t.throws(() => parseCliArgs(['nope']), { instanceOf: UsageError })?.topic, 'main')
+})
+
+test('values are checked by the options layer, not the parser: --threads 0 and a bad null size parse', (t) => {
+  t.like(parseCliArgs(['export', '--threads', '0', 'null:1.5G', 'm']), {
+    options: { threads: 0, source: { null: '1.5G' } },
+  })
+  t.like(parseCliArgs(['export', '--growable', 'a', 'b']), { options: { growable: true } })
+})

@@ -1,0 +1,214 @@
+/**
+ * The `blockfuse` CLI as users run it: node dist/cli.js, real exports, real clients (cmp, dd,
+ * findmnt), real signals.
+ */
+import { readFileSync } from 'node:fs'
+import { readFile, stat } from 'node:fs/promises'
+import { join } from 'node:path'
+
+import test, { type ExecutionContext } from 'ava'
+
+import { assertCliBuilt, CliProcess, runCli } from './helpers/cli.js'
+import { assertE2eEnvironment } from './helpers/env.js'
+import { imageFixture } from './helpers/exports.js'
+import { MiB } from './helpers/files.js'
+import { isMounted } from './helpers/mounts.js'
+import { mustRun, run } from './helpers/run.js'
+
+test.before(() => {
+  assertCliBuilt()
+  assertE2eEnvironment(['cmp', 'dd', 'findmnt', 'umount'])
+})
+
+const VERSION = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string })
+  .version
+
+/** Starts `blockfuse export ...`; the teardown makes sure neither the process nor its mount outlive the test. */
+function startExport(t: ExecutionContext, args: string[]): CliProcess {
+  const cli = new CliProcess(['export', ...args])
+  const mountpoint = args.at(-1)!
+  t.teardown(async () => {
+    if (cli.child.exitCode === null && cli.child.signalCode === null) await cli.stop('SIGTERM').catch(() => undefined)
+    if (await isMounted(mountpoint)) await run('umount', ['-l', mountpoint])
+  })
+  return cli
+}
+
+// --- no export involved ----------------------------------------------------------------------
+
+test('--help prints the usage on stdout and exits 0', async (t) => {
+  const r = await runCli(['--help'])
+  t.is(r.code, 0)
+  t.regex(r.stdout, /^Usage: blockfuse <command>/)
+  t.regex(r.stdout, /export <source> <mountpoint>/)
+  t.is(r.stderr, '')
+})
+
+test('export --help prints the export usage and exits 0', async (t) => {
+  const r = await runCli(['export', '--help'])
+  t.is(r.code, 0)
+  t.regex(r.stdout, /^Usage: blockfuse export \[options\] <source> <mountpoint>/)
+  for (const flag of [
+    '--writable',
+    '--growable',
+    '--allow-other',
+    '--threads',
+    '--format',
+    '--cache',
+    '--writethrough',
+    '--on-halt',
+    '--json',
+  ]) {
+    t.true(r.stdout.includes(flag), `usage mentions ${flag}`)
+  }
+})
+
+test('--version prints the package version and exits 0', async (t) => {
+  const r = await runCli(['--version'])
+  t.is(r.code, 0)
+  t.is(r.stdout, `blockfuse ${VERSION}\n`)
+})
+
+for (const [what, args, message] of [
+  ['no command', [], /missing command/],
+  ['an unknown command', ['frobnicate'], /unknown command "frobnicate"/],
+  ['export without a mountpoint', ['export', 'img.raw'], /export needs <source> and <mountpoint>/],
+  ['an unknown option', ['export', '--read-only', 'a', 'b'], /Unknown option '--read-only'/],
+  [
+    'a bad --allow-other',
+    ['export', '--allow-other', 'sometimes', 'a', 'b'],
+    /--allow-other must be one of on, off, auto/,
+  ],
+  ['a non-numeric --threads', ['export', '--threads', 'x', 'a', 'b'], /--threads must be a whole number/],
+] as Array<[string, string[], RegExp]>) {
+  test(`usage error exits 2 with the usage on stderr: ${what}`, async (t) => {
+    const r = await runCli(args)
+    t.is(r.code, 2, r.stderr)
+    t.is(r.stdout, '')
+    t.regex(r.stderr, /^blockfuse: /)
+    t.regex(r.stderr, message)
+    t.regex(r.stderr, /Usage: blockfuse/)
+  })
+}
+
+test('a missing source exits 1 with the message and code', async (t) => {
+  const f = await imageFixture(t, MiB)
+  const missing = join(f.dir, 'missing.raw')
+  const r = await runCli(['export', missing, f.mountpoint])
+  t.is(r.code, 1)
+  t.is(r.stdout, '')
+  t.is(r.stderr, `blockfuse: source "${missing}" does not exist (SOURCE_NOT_FOUND)\n`)
+})
+
+test('validation errors exit 1 with their code', async (t) => {
+  const f = await imageFixture(t, MiB)
+  const cases: Array<[string[], string]> = [
+    [['null:0', f.mountpoint], 'NULL_SIZE_INVALID'],
+    [['null:1.5G', f.mountpoint], 'NULL_SIZE_INVALID'],
+    [['--threads', '0', f.image, f.mountpoint], 'INVALID_OPTION'],
+    [['--growable', f.image, f.mountpoint], 'INVALID_OPTION'],
+    [['--format', 'null', f.image, f.mountpoint], 'INVALID_OPTION'],
+    [[f.image, f.dir], 'MOUNTPOINT_NOT_FILE'],
+    [[f.image, join(f.dir, 'nope')], 'MOUNTPOINT_NOT_FOUND'],
+  ]
+  for (const [args, code] of cases) {
+    const r = await runCli(['export', ...args])
+    t.is(r.code, 1, `${args.join(' ')}: ${r.stderr}`)
+    t.regex(r.stderr, new RegExp(`^blockfuse: .+ \\(${code}\\)\\n$`), args.join(' '))
+  }
+  t.false(await isMounted(f.mountpoint))
+})
+
+// --- real exports ----------------------------------------------------------------------------
+
+test('ready / SIGINT cycle: cmp sees the image, SIGINT unmounts and exits 0', async (t) => {
+  const f = await imageFixture(t, 4 * MiB)
+  const before = await stat(f.mountpoint)
+  const cli = startExport(t, [f.image, f.mountpoint])
+  const ready = await cli.waitForLine(/^ready/)
+  t.is(ready, `ready: ${f.image} exported at ${f.mountpoint} (raw, ${4 * MiB} bytes, read-only, 1 thread)`)
+  t.is(cli.lines.length, 1, 'exactly one line before the export is used')
+  t.true(await isMounted(f.mountpoint))
+  await mustRun('cmp', [f.image, f.mountpoint])
+
+  const { code, signal } = await cli.stop('SIGINT')
+  t.is(code, 0, cli.stderr)
+  t.is(signal, null)
+  t.deepEqual(cli.lines, [ready, 'closed'])
+  t.false(await isMounted(f.mountpoint), 'findmnt finds nothing on the mountpoint')
+  const after = await stat(f.mountpoint)
+  t.is(after.size, 0)
+  t.is(after.ino, before.ino, 'the mountpoint is the plain file it was')
+})
+
+test('--json / SIGTERM cycle: one JSON object per line, SIGTERM unmounts and exits 0', async (t) => {
+  const f = await imageFixture(t, 2 * MiB)
+  const cli = startExport(t, ['--json', '--allow-other', 'off', f.image, f.mountpoint])
+  const ready = JSON.parse(await cli.waitForLine(/^\{/)) as Record<string, unknown>
+  t.like(ready, {
+    event: 'ready',
+    mountpoint: f.mountpoint,
+    source: f.image,
+    format: 'raw',
+    size: 2 * MiB,
+    writable: false,
+    growable: false,
+    allowOther: false,
+    threads: 1,
+  })
+  await mustRun('cmp', [f.image, f.mountpoint])
+
+  const { code } = await cli.stop('SIGTERM')
+  t.is(code, 0, cli.stderr)
+  t.deepEqual(
+    cli.lines.map((l) => JSON.parse(l) as unknown),
+    [ready, { event: 'close' }],
+  )
+  t.false(await isMounted(f.mountpoint))
+})
+
+test('--writable: a dd write through the export is in the image afterwards', async (t) => {
+  const f = await imageFixture(t, 4 * MiB)
+  const cli = startExport(t, ['--writable', f.image, f.mountpoint])
+  t.regex(await cli.waitForLine(/^ready/), /\(raw, 4194304 bytes, writable, /)
+  const payload = 'written through blockfuse'
+  await mustRun('sh', [
+    '-c',
+    `printf '%s' '${payload}' | dd of='${f.mountpoint}' bs=1 seek=123456 conv=notrunc status=none`,
+  ])
+  t.is((await cli.stop('SIGINT')).code, 0, cli.stderr)
+
+  const image = await readFile(f.image)
+  t.is(image.length, 4 * MiB, 'conv=notrunc keeps the size')
+  t.is(image.subarray(123456, 123456 + payload.length).toString(), payload)
+  const expected = Buffer.from(f.data)
+  expected.write(payload, 123456)
+  t.true(image.equals(expected), 'nothing else changed')
+})
+
+test('null:<size> exports zeros of that size', async (t) => {
+  const f = await imageFixture(t, MiB)
+  const cli = startExport(t, ['null:3M', f.mountpoint])
+  t.is(
+    await cli.waitForLine(/^ready/),
+    `ready: null:${3 * MiB} exported at ${f.mountpoint} (null, ${3 * MiB} bytes, read-only, 1 thread)`,
+  )
+  t.is((await stat(f.mountpoint)).size, 3 * MiB)
+  await mustRun('cmp', ['-n', String(3 * MiB), f.mountpoint, '/dev/zero'])
+  t.is((await cli.stop('SIGINT')).code, 0, cli.stderr)
+})
+
+test('a second export on a mountpoint another process exports is refused (MOUNTPOINT_IN_USE)', async (t) => {
+  const f = await imageFixture(t, MiB)
+  const first = startExport(t, [f.image, f.mountpoint])
+  await first.waitForLine(/^ready/)
+  const second = await runCli(['export', f.image, f.mountpoint])
+  t.is(second.code, 1)
+  t.regex(
+    second.stderr,
+    /^blockfuse: mountpoint ".*\/mnt" already has a filesystem \(fuse[^)]*\) mounted on it.* \(MOUNTPOINT_IN_USE\)\n$/,
+  )
+  await mustRun('cmp', [f.image, f.mountpoint])
+  t.is((await first.stop('SIGINT')).code, 0, first.stderr)
+  t.false(await isMounted(f.mountpoint))
+})

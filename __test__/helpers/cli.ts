@@ -1,0 +1,122 @@
+/**
+ * Driving the compiled CLI (dist/cli.js) as a real process. A missing or stale dist/ fails with a
+ * clear message instead of testing old code.
+ */
+import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process'
+import { readdirSync, statSync } from 'node:fs'
+import { fileURLToPath } from 'node:url'
+
+import { run, type RunResult } from './run.js'
+
+const ROOT = fileURLToPath(new URL('../../', import.meta.url))
+export const CLI = `${ROOT}dist/cli.js`
+
+/** Throws unless dist/ holds a build of every ts/*.ts that is at least as new as its source. */
+export function assertCliBuilt(): void {
+  const stale: string[] = []
+  for (const name of readdirSync(`${ROOT}ts`).filter((n) => n.endsWith('.ts'))) {
+    const built = `${ROOT}dist/${name.replace(/\.ts$/, '.js')}`
+    let builtTime: number
+    try {
+      builtTime = statSync(built).mtimeMs
+    } catch {
+      stale.push(`${built} is missing`)
+      continue
+    }
+    if (statSync(`${ROOT}ts/${name}`).mtimeMs > builtTime) stale.push(`ts/${name} is newer than ${built}`)
+  }
+  if (stale.length > 0) {
+    throw new Error(
+      `the CLI tests run the compiled CLI, but dist/ is not up to date (run \`npm run build:ts\`):\n  ${stale.join('\n  ')}`,
+    )
+  }
+}
+
+/** Runs the CLI to completion. */
+export function runCli(args: readonly string[]): Promise<RunResult> {
+  return run(process.execPath, [CLI, ...args])
+}
+
+/** A CLI process that keeps running (an export in the foreground). */
+export class CliProcess {
+  readonly child: ChildProcessWithoutNullStreams
+  stdout = ''
+  stderr = ''
+  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>
+  #waiters: Array<() => void> = []
+
+  constructor(args: readonly string[]) {
+    this.child = spawn(process.execPath, [CLI, ...args], { stdio: 'pipe' })
+    this.child.stdin.end()
+    this.child.stdout.setEncoding('utf8').on('data', (d: string) => {
+      this.stdout += d
+      this.#notify()
+    })
+    this.child.stderr.setEncoding('utf8').on('data', (d: string) => {
+      this.stderr += d
+      this.#notify()
+    })
+    this.exited = new Promise((resolve) => {
+      this.child.on('exit', (code, signal) => {
+        resolve({ code, signal })
+        this.#notify()
+      })
+    })
+  }
+
+  /** Complete lines printed on stdout so far. */
+  get lines(): string[] {
+    return this.stdout.split('\n').slice(0, -1)
+  }
+
+  #notify(): void {
+    for (const waiter of this.#waiters.splice(0)) waiter()
+  }
+
+  /** Resolves with the first stdout line matching `pattern`; rejects (with the output) on exit or timeout. */
+  async waitForLine(pattern: RegExp, timeoutMs = 30_000): Promise<string> {
+    const deadline = Date.now() + timeoutMs
+    for (;;) {
+      const line = this.lines.find((l) => pattern.test(l))
+      if (line !== undefined) return line
+      if (this.child.exitCode !== null || this.child.signalCode !== null) {
+        throw new Error(
+          `the CLI exited (${this.child.exitCode ?? this.child.signalCode}) before printing ${pattern}\n${this.#output()}`,
+        )
+      }
+      const left = deadline - Date.now()
+      if (left <= 0) throw new Error(`the CLI did not print ${pattern} within ${timeoutMs} ms\n${this.#output()}`)
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, left)
+        this.#waiters.push(() => {
+          clearTimeout(timer)
+          resolve()
+        })
+      })
+    }
+  }
+
+  /** Sends `signal` and waits for the exit, killing the process if it does not exit in time. */
+  async stop(
+    signal: NodeJS.Signals,
+    timeoutMs = 30_000,
+  ): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+    this.child.kill(signal)
+    let timer: NodeJS.Timeout | undefined
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        this.child.kill('SIGKILL')
+        reject(new Error(`the CLI did not exit within ${timeoutMs} ms of ${signal}\n${this.#output()}`))
+      }, timeoutMs)
+    })
+    try {
+      return await Promise.race([this.exited, timeout])
+    } finally {
+      clearTimeout(timer)
+    }
+  }
+
+  #output(): string {
+    return `stdout:\n${this.stdout}\nstderr:\n${this.stderr}`
+  }
+}
