@@ -212,3 +212,30 @@ test('a second export on a mountpoint another process exports is refused (MOUNTP
   t.is((await first.stop('SIGINT')).code, 0, first.stderr)
   t.false(await isMounted(f.mountpoint))
 })
+
+test('a stale mount left by a killed export is refused with a hint, not stat()ed', async (t) => {
+  const f = await imageFixture(t, MiB)
+  const first = startExport(t, [f.image, f.mountpoint])
+  await first.waitForLine(/^ready/)
+  // SIGKILL gives the CLI no chance to unmount: the kernel keeps a mount whose server is gone.
+  await first.stop('SIGKILL')
+  t.true(await isMounted(f.mountpoint))
+  const second = await runCli(['export', f.image, f.mountpoint])
+  t.is(second.code, 1)
+  t.regex(
+    second.stderr,
+    /already has a filesystem \(fuse[^)]*\) mounted on it.*`fusermount3 -u .*\/mnt`.*\(MOUNTPOINT_IN_USE\)/,
+  )
+  await mustRun('fusermount3', ['-u', f.mountpoint])
+  t.false(await isMounted(f.mountpoint))
+})
+
+test('SIGHUP (a closed terminal) also drains, unmounts and exits 0', async (t) => {
+  const f = await imageFixture(t, MiB)
+  const cli = startExport(t, ['--writable', f.image, f.mountpoint])
+  await cli.waitForLine(/^ready/)
+  await mustRun('cmp', [f.image, f.mountpoint])
+  t.is((await cli.stop('SIGHUP')).code, 0, cli.stderr)
+  t.is(cli.lines.at(-1), 'closed')
+  t.false(await isMounted(f.mountpoint))
+})

@@ -44,7 +44,8 @@ Options:
 
 export const EXPORT_USAGE = `Usage: blockfuse export [options] <source> <mountpoint>
 
-Export <source> on <mountpoint> (an existing regular file) until SIGINT or SIGTERM.
+Export <source> on <mountpoint> (an existing regular file) until SIGINT, SIGTERM
+or SIGHUP, which drain in-flight requests and unmount.
 <source> is a path of a raw image, or null:<size> for a null backend that reads
 zeros (e.g. null:1G; units k, M, G, T are binary). Prints a line starting with
 "ready" once the export serves.

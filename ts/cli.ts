@@ -58,6 +58,10 @@ async function runExport(command: Extract<ReturnType<typeof parseCliArgs>, { kin
   }
   process.on('SIGINT', onSignal)
   process.on('SIGTERM', onSignal)
+  // A closed terminal should unmount too, not leave a mount whose server is gone.
+  process.on('SIGHUP', onSignal)
+  // A reader that went away (e.g. `| head -1`) must not kill the process while it serves.
+  process.stdout.on('error', () => {})
 
   try {
     exp = await FuseExport.create(command.options)

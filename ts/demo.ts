@@ -5,7 +5,7 @@
  * @module
  */
 import { constants } from 'node:fs'
-import { access, open, writeFile } from 'node:fs/promises'
+import { access, open, rename, writeFile } from 'node:fs/promises'
 import { resolve } from 'node:path'
 
 import { FuseExport } from './index.js'
@@ -16,12 +16,13 @@ const MOUNTPOINT = 'blockfuse-demo.mnt'
 const IMAGE_SIZE = 64 * 1024 * 1024
 const MIB = 1024 * 1024
 
+/** False only when `path` does not exist (a stale mount on it counts as existing). */
 async function exists(path: string): Promise<boolean> {
   try {
     await access(path, constants.F_OK)
     return true
-  } catch {
-    return false
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code !== 'ENOENT'
   }
 }
 
@@ -39,13 +40,16 @@ function demoBlock(index: number): Buffer {
   return block
 }
 
+/** Writes the image under a temporary name first, so an interrupted first run leaves no half image. */
 async function createImage(path: string): Promise<void> {
-  const file = await open(path, 'wx')
+  const partial = `${path}.partial`
+  const file = await open(partial, 'w')
   try {
     for (let i = 0; i < IMAGE_SIZE / MIB; i++) await file.write(demoBlock(i), 0, MIB, i * MIB)
   } finally {
     await file.close()
   }
+  await rename(partial, path)
 }
 
 async function main(): Promise<void> {

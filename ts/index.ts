@@ -17,7 +17,7 @@ import { claim, release } from './registry.js'
 
 export { BlockfuseError, isBlockfuseError } from './errors.js'
 export type { BlockfuseErrorCode, NativeErrorCode, PolicyErrorCode } from './errors.js'
-export { normalizeOptions, parseSize, resolveOptions, MAX_THREADS } from './options.js'
+export { normalizeOptions, parseSize, MAX_THREADS } from './options.js'
 export type {
   AllowOther,
   CacheMode,

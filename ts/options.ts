@@ -368,9 +368,10 @@ async function resolveMountpoint(path: string): Promise<string> {
       const st = await lstat(candidate).catch(() => undefined)
       if (st && !st.isFile()) throw notFile(path, st)
     }
+    const unmount = fsType.startsWith('fuse') ? `fusermount3 -u ${candidate}` : `umount ${candidate}`
     throw inUse(
       path,
-      `already has a filesystem (${fsType}) mounted on it: another export, or a stale one (unmount it with \`umount ${candidate}\`)`,
+      `already has a filesystem (${fsType}) mounted on it: another export, or a stale one (unmount it with \`${unmount}\`)`,
     )
   }
   await check(path)
