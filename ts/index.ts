@@ -43,7 +43,7 @@ export interface FuseExportEvents {
 
 /**
  * One mounted export. Create it with {@link FuseExport.create}; close it with {@link FuseExport.close}
- * or `await using`. While it is open it keeps the Node.js event loop alive (see {@link FuseExport.unref}).
+ * or `await using`. While it is open it keeps the Node.js event loop alive, like a listening server.
  */
 export class FuseExport extends EventEmitter<FuseExportEvents> {
   /** Options after validation and defaults, with absolute real paths. */
@@ -82,7 +82,7 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
     if (!claim(mountpoint)) {
       throw new BlockfuseError('MOUNTPOINT_IN_USE', `mountpoint "${mountpoint}" is already exported by this process`)
     }
-    // Events may arrive before mount() resolves; they are delivered once the object exists.
+    // Events may arrive before mount() resolves; they are queued until the object exists.
     let instance: FuseExport | undefined
     const early: NativeEvent[] = []
     const onEvent = (err: Error | null, event: NativeEvent) => {
@@ -116,7 +116,8 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
       release(mountpoint)
       throw err
     }
-    for (const ev of early) instance.#onNativeEvent(ev)
+    // Delivered after the caller's `await` resumes, so its listeners are attached by then.
+    if (early.length > 0) setImmediate(() => early.forEach((ev) => instance.#onNativeEvent(ev)))
     return instance
   }
 
@@ -170,18 +171,6 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
   /** Closes the export (for `await using`). */
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close()
-  }
-
-  /** Lets the process exit even though this export is open (like `net.Server.unref()`). */
-  unref(): this {
-    this.#keepAlive?.unref()
-    return this
-  }
-
-  /** Undoes {@link FuseExport.unref}. */
-  ref(): this {
-    this.#keepAlive?.ref()
-    return this
   }
 
   #onNativeEvent(event: NativeEvent): void {
