@@ -1,4 +1,9 @@
-/** The one function that turns native errors into BlockfuseErrors with a stable `code`. */
+/**
+ * ts/native.ts: the one function that turns native errors into BlockfuseErrors with a stable `code`,
+ * and the built binding having the shape ts/native.ts declares (the lint job type-checks without it).
+ */
+import { createRequire } from 'node:module'
+
 import test from 'ava'
 
 import { BlockfuseError } from '../ts/errors.js'
@@ -46,4 +51,13 @@ test('a BlockfuseError passes through unchanged', (t) => {
 
 test('the binding loads and reports its version', (t) => {
   t.regex(nativeVersion(), /^\d+\.\d+\.\d+/)
+})
+
+test('the built binding has the shape ts/native.ts declares', (t) => {
+  const binding = createRequire(import.meta.url)('../native/binding.cjs') as Record<string, unknown>
+  const NativeExport = binding.NativeExport as { mount?: unknown; prototype?: object } | undefined
+  t.is(typeof NativeExport?.mount, 'function', 'NativeExport.mount')
+  t.is(typeof Object.getOwnPropertyDescriptor(NativeExport?.prototype ?? {}, 'close')?.value, 'function', 'close()')
+  t.is(typeof Object.getOwnPropertyDescriptor(NativeExport?.prototype ?? {}, 'size')?.get, 'function', 'get size')
+  t.is(typeof binding.version, 'function', 'version()')
 })
