@@ -5,6 +5,7 @@
 //! → `protocol` (pure ABI, decoding, encoding) and `backend` (the image). `sys` holds every raw
 //! syscall and all of the crate's `unsafe`.
 
+mod aligned;
 pub mod backend;
 pub mod config;
 pub mod error;

@@ -1,13 +1,18 @@
-//! The raw backend: an image file (or block device) accessed with positional I/O.
+//! The raw backend: an image file (or block device) accessed with positional I/O. On a queue
+//! thread the I/O goes through that thread's io_uring, so it never blocks the queue; elsewhere
+//! (tests, the close path) it is plain synchronous I/O.
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{BlockBackend, Extent};
+use crate::aligned::AlignedBuf;
 use crate::sys;
+use crate::sys::uring::Ring;
 
 /// How the image file is opened (QEMU's `cache.direct`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -15,7 +20,8 @@ pub enum CacheMode {
     /// Through the host page cache (QEMU's default for the file driver).
     #[default]
     Writeback,
-    /// O_DIRECT: bypasses the host page cache; requests must honour the file's alignment.
+    /// O_DIRECT: bypasses the host page cache. Unaligned requests are bounced through an aligned
+    /// buffer (read-modify-write for writes, serialised against other writes).
     None,
 }
 
@@ -30,11 +36,18 @@ pub struct RawBackend {
     len: AtomicU64,
     alignment: u32,
     optimal_transfer: u32,
+    /// With O_DIRECT: aligned writes share it, a read-modify-write takes it alone, so an RMW never
+    /// writes back stale bytes over a concurrent write to the same block.
+    rmw: tokio::sync::RwLock<()>,
 }
 
 const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
 const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
 const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
+
+fn retryable(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN))
+}
 
 impl RawBackend {
     pub fn open(path: &Path, opts: RawOptions) -> io::Result<Self> {
@@ -45,6 +58,9 @@ impl RawBackend {
         }
         let file = oo.open(path)?;
         let meta = file.metadata()?;
+        if meta.is_dir() {
+            return Err(io::Error::from_raw_os_error(libc::EISDIR));
+        }
         let len = if meta.file_type().is_file() {
             meta.len()
         } else {
@@ -55,20 +71,84 @@ impl RawBackend {
         let alignment = match opts.cache {
             CacheMode::Writeback => 1,
             CacheMode::None => {
-                sys::dio_alignment(&file).map(|(mem, off)| mem.max(off)).unwrap_or(4096)
+                sys::dio_alignment(&file).map(|(mem, off)| mem.max(off)).unwrap_or(4096).max(512)
             }
         };
         let optimal_transfer = (meta.blksize() as u32).clamp(512, 1 << 20);
-        Ok(RawBackend { file, len: AtomicU64::new(len), alignment, optimal_transfer })
+        Ok(RawBackend {
+            file,
+            len: AtomicU64::new(len),
+            alignment,
+            optimal_transfer,
+            rmw: tokio::sync::RwLock::new(()),
+        })
     }
 
-    fn check_aligned(&self, ptr: usize, len: usize, offset: u64) -> io::Result<()> {
+    fn is_aligned(&self, ptr: *const u8, len: usize, offset: u64) -> bool {
         let a = self.alignment as u64;
-        if a > 1 && (ptr as u64 % a != 0 || len as u64 % a != 0 || offset % a != 0) {
-            // The export layer bounces unaligned requests; reaching here is a bug, not a panic.
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        a <= 1 || (ptr as u64 % a == 0 && len as u64 % a == 0 && offset % a == 0)
+    }
+
+    /// Reads until `buf` is full or EOF; returns the bytes read.
+    async fn pread(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let ring = Ring::current();
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let r = match &ring {
+                Some(ring) => match ring.read_at(self.file.as_fd(), &mut buf[done..], pos).await {
+                    Some(r) => r,
+                    None => self.file.read_at(&mut buf[done..], pos),
+                },
+                None => self.file.read_at(&mut buf[done..], pos),
+            };
+            match r {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if retryable(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
+    async fn pwrite(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let ring = Ring::current();
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let r = match &ring {
+                Some(ring) => match ring.write_at(self.file.as_fd(), &buf[done..], pos).await {
+                    Some(r) => r,
+                    None => self.file.write_at(&buf[done..], pos),
+                },
+                None => self.file.write_at(&buf[done..], pos),
+            };
+            match r {
+                Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+                Ok(n) => done += n,
+                Err(e) if retryable(&e) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
+    }
+
+    async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        if let Some(ring) = Ring::current() {
+            if let Some(r) = ring.fallocate(self.file.as_fd(), mode, offset, len).await {
+                return r;
+            }
+        }
+        sys::fallocate(&self.file, mode, offset, len)
+    }
+
+    /// The aligned range covering `[offset, offset+len)`.
+    fn widen(&self, offset: u64, len: usize) -> (u64, usize) {
+        let a = self.alignment as u64;
+        let start = offset / a * a;
+        let end = (offset + len as u64).next_multiple_of(a);
+        (start, (end - start) as usize)
     }
 }
 
@@ -86,35 +166,57 @@ impl BlockBackend for RawBackend {
         self.file.metadata().ok().map(|m| m.blocks() * 512)
     }
     async fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.check_aligned(buf.as_ptr() as usize, buf.len(), offset)?;
-        match self.file.read_exact_at(buf, offset) {
-            // The file shrank under us (another process truncated it): what is gone reads as
-            // zeros, as it would on a block device past a resize.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                let mut done = 0;
-                while done < buf.len() {
-                    match self.file.read_at(&mut buf[done..], offset + done as u64)? {
-                        0 => break,
-                        n => done += n,
-                    }
-                }
-                buf[done..].fill(0);
-                Ok(())
-            }
-            r => r,
-        }
+        let n = if self.is_aligned(buf.as_ptr(), buf.len(), offset) {
+            self.pread(buf, offset).await?
+        } else {
+            // Slow path (O_DIRECT, unaligned request): read the covering aligned range.
+            let (start, len) = self.widen(offset, buf.len());
+            let mut bounce = AlignedBuf::new(len, self.alignment as usize);
+            let got = self.pread(bounce.as_mut_slice(), start).await?;
+            let skip = (offset - start) as usize;
+            let n = got.saturating_sub(skip).min(buf.len());
+            buf[..n].copy_from_slice(&bounce.as_slice()[skip..skip + n]);
+            n
+        };
+        // The file shrank under us (another process truncated it): what is gone reads as zeros.
+        buf[n..].fill(0);
+        Ok(())
     }
     async fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.check_aligned(buf.as_ptr() as usize, buf.len(), offset)?;
-        self.file.write_all_at(buf, offset)
+        if self.alignment <= 1 {
+            return self.pwrite(buf, offset).await;
+        }
+        if self.is_aligned(buf.as_ptr(), buf.len(), offset) {
+            let _shared = self.rmw.read().await;
+            return self.pwrite(buf, offset).await;
+        }
+        // Slow path (O_DIRECT, unaligned request): read-modify-write of the covering range.
+        let _exclusive = self.rmw.write().await;
+        let (start, len) = self.widen(offset, buf.len());
+        let mut bounce = AlignedBuf::new(len, self.alignment as usize);
+        self.pread(bounce.as_mut_slice(), start).await?;
+        let skip = (offset - start) as usize;
+        bounce.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
+        self.pwrite(bounce.as_slice(), start).await?;
+        let file_len = self.len().max(offset + buf.len() as u64);
+        if start + len as u64 > file_len {
+            // O_DIRECT wrote whole blocks, the last one past EOF: cut the file back to its size.
+            self.file.set_len(file_len)?;
+        }
+        Ok(())
     }
     async fn flush(&self) -> io::Result<()> {
+        if let Some(ring) = Ring::current() {
+            if let Some(r) = ring.datasync(self.file.as_fd()).await {
+                return r;
+            }
+        }
         self.file.sync_data()
     }
     async fn truncate(&self, new_len: u64, preallocate: bool) -> io::Result<()> {
         let old = self.len();
         if preallocate && new_len > old {
-            sys::fallocate(&self.file, 0, old, new_len - old)?;
+            self.fallocate(0, old, new_len - old).await?;
         } else {
             self.file.set_len(new_len)?;
         }
@@ -127,10 +229,10 @@ impl BlockBackend for RawBackend {
         } else {
             FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
         };
-        match sys::fallocate(&self.file, mode, offset, len) {
+        match self.fallocate(mode, offset, len).await {
             Err(e) if !unmap && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                // No ZERO_RANGE here (e.g. tmpfs before 6.x): punching keeps the same content.
-                sys::fallocate(&self.file, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len)
+                // No ZERO_RANGE on this filesystem: punching reads back the same zeros.
+                self.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len).await
             }
             r => r,
         }

@@ -1,5 +1,8 @@
-//! Every raw syscall the crate makes, each as a small safe wrapper. This is the only module with
-//! `unsafe`; each block says why it is sound. Nothing here knows about FUSE semantics.
+//! Every raw syscall the crate makes, each as a small safe wrapper, and the per-thread io_uring
+//! (`uring`). This is the only module with `unsafe`; each block says why it is sound. Nothing here
+//! knows about FUSE semantics.
+
+pub mod uring;
 
 use std::ffi::CString;
 use std::fs::File;

@@ -1,6 +1,7 @@
 //! A queue worker's receive buffer: sized for the largest request and laid out so that a WRITE's
 //! payload lands page-aligned (usable for O_DIRECT without a bounce copy).
 
+use crate::aligned::AlignedBuf;
 use crate::protocol::abi::{size, FUSE_MIN_READ_BUFFER};
 
 /// One allocation at start-up, reused for every request the worker handles:
@@ -12,8 +13,7 @@ use crate::protocol::abi::{size, FUSE_MIN_READ_BUFFER};
 /// A read from /dev/fuse fills `[data_start - 80, data_start + max_write)`: requests are
 /// contiguous, and a WRITE's payload starts exactly at `data_start`.
 pub struct RequestBuffer {
-    mem: Vec<u8>,
-    data_start: usize,
+    mem: AlignedBuf,
     data_len: usize,
 }
 
@@ -21,27 +21,23 @@ impl RequestBuffer {
     pub fn new(max_write: usize, page: usize) -> Self {
         // The kernel refuses reads into buffers smaller than FUSE_MIN_READ_BUFFER.
         let data_len = max_write.max(FUSE_MIN_READ_BUFFER);
-        let mem = vec![0u8; 2 * page + data_len];
-        // Safe alignment: find the first page boundary at least one prefix into the vector.
-        let base = mem.as_ptr() as usize;
-        let first = (base + size::WRITE_PREFIX).next_multiple_of(page) - base;
-        RequestBuffer { mem, data_start: first, data_len }
+        let mem = AlignedBuf::with_skew(size::WRITE_PREFIX + data_len, page, size::WRITE_PREFIX);
+        RequestBuffer { mem, data_len }
     }
 
     /// Where the next request is read to.
     pub fn receive_area(&mut self) -> &mut [u8] {
-        &mut self.mem[self.data_start - size::WRITE_PREFIX..self.data_start + self.data_len]
+        self.mem.as_mut_slice()
     }
 
     /// The request just received, `n` bytes long.
     pub fn request(&self, n: usize) -> &[u8] {
-        let start = self.data_start - size::WRITE_PREFIX;
-        &self.mem[start..start + n]
+        &self.mem.as_slice()[..n]
     }
 
     /// The aligned data area: a WRITE's payload, or room for READ data.
     pub fn data(&mut self) -> &mut [u8] {
-        &mut self.mem[self.data_start..self.data_start + self.data_len]
+        &mut self.mem.as_mut_slice()[size::WRITE_PREFIX..size::WRITE_PREFIX + self.data_len]
     }
 }
 

@@ -16,6 +16,7 @@ use crate::protocol::abi::size;
 use crate::protocol::decode::{decode, DecodeError, HaltReason};
 use crate::protocol::encode::{out_header, MAX_SMALL_REPLY};
 use crate::sys;
+use crate::sys::uring::{self, Ring};
 
 /// Why the queues stopped on their own.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,8 +78,9 @@ impl Shared {
     }
 }
 
-/// Concurrent workers per queue; each owns one request buffer (max_write + a page).
-pub const WORKERS_PER_QUEUE: usize = 1;
+/// Requests one queue serves concurrently; each worker owns one request buffer
+/// (max_write + a page), so a queue's memory is about `WORKERS_PER_QUEUE` MiB.
+pub const WORKERS_PER_QUEUE: usize = 16;
 
 /// Runs one queue on the current thread until the export stops. Returns after every worker
 /// finished its last request.
@@ -86,38 +88,63 @@ pub fn run_queue(fd: OwnedFd, shared: Arc<Shared>) -> io::Result<()> {
     sys::set_nonblocking(fd.as_fd(), true)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        let afd = Rc::new(sys::async_fd(fd)?);
+    let result = local.block_on(&rt, async move {
+        // File I/O of this queue's requests goes through this thread's ring (see sys::uring);
+        // without io_uring the backends fall back to synchronous I/O.
+        match Ring::install() {
+            Ok(ring) => {
+                tokio::task::spawn_local(async move {
+                    if let Err(e) = uring::reap_forever(ring).await {
+                        log::error!("io_uring completion reaper failed: {e}");
+                    }
+                });
+            }
+            Err(e) => log::warn!("io_uring unavailable, file I/O will block the queue: {e}"),
+        }
+        let intake = Rc::new(Intake { fd: sys::async_fd(fd)?, turn: tokio::sync::Mutex::new(()) });
         let page = sys::page_size();
         let mut workers = Vec::with_capacity(WORKERS_PER_QUEUE);
         for _ in 0..WORKERS_PER_QUEUE {
             let buf = RequestBuffer::new(shared.max_write, page);
-            workers.push(tokio::task::spawn_local(worker(afd.clone(), shared.clone(), buf)));
+            workers.push(tokio::task::spawn_local(worker(intake.clone(), shared.clone(), buf)));
         }
         for w in workers {
             w.await.map_err(|e| io::Error::other(format!("queue worker failed: {e}")))?;
         }
         Ok(())
-    })
+    });
+    Ring::uninstall();
+    result
+}
+
+/// A queue's fd and the turn to read from it: idle workers line up on `turn`, so exactly one
+/// waits for the next request instead of all of them waking for each one.
+struct Intake {
+    fd: AsyncFd<OwnedFd>,
+    turn: tokio::sync::Mutex<()>,
 }
 
 /// Reads one request into `buf`. `None` when the export is stopping.
-async fn receive(
-    afd: &AsyncFd<OwnedFd>,
-    shared: &Shared,
-    buf: &mut RequestBuffer,
-) -> Option<usize> {
+async fn receive(intake: &Intake, shared: &Shared, buf: &mut RequestBuffer) -> Option<usize> {
+    let stop = shared.stop_notify.notified();
+    tokio::pin!(stop);
+    stop.as_mut().enable();
+    if shared.stopping() {
+        return None;
+    }
+    let _turn = tokio::select! {
+        biased;
+        _ = &mut stop => return None,
+        t = intake.turn.lock() => t,
+    };
     loop {
-        let stop = shared.stop_notify.notified();
-        tokio::pin!(stop);
-        stop.as_mut().enable();
         if shared.stopping() {
             return None;
         }
         let mut guard = tokio::select! {
             biased;
             _ = &mut stop => return None,
-            g = afd.readable() => match g {
+            g = intake.fd.readable() => match g {
                 Ok(g) => g,
                 Err(e) => {
                     shared.stop_by_itself(StopCause::Halt(format!("polling /dev/fuse failed: {e}")));
@@ -146,11 +173,11 @@ async fn receive(
     }
 }
 
-async fn worker(afd: Rc<AsyncFd<OwnedFd>>, shared: Arc<Shared>, mut buf: RequestBuffer) {
+async fn worker(intake: Rc<Intake>, shared: Arc<Shared>, mut buf: RequestBuffer) {
     let mut small = [0u8; MAX_SMALL_REPLY];
-    while let Some(n) = receive(&afd, &shared, &mut buf).await {
+    while let Some(n) = receive(&intake, &shared, &mut buf).await {
         shared.in_flight.fetch_add(1, Ordering::Relaxed);
-        let keep_going = serve_one(&afd, &shared, &mut buf, n, &mut small).await;
+        let keep_going = serve_one(&intake.fd, &shared, &mut buf, n, &mut small).await;
         shared.in_flight.fetch_sub(1, Ordering::Relaxed);
         if !keep_going {
             break;
