@@ -147,6 +147,18 @@ impl Task for CloseTask {
     }
 }
 
+#[napi(object)]
+pub struct NativeStats {
+    /// Requests served, by FUSE opcode name (READ, WRITE, GETATTR, ...); only nonzero entries.
+    pub requests: std::collections::HashMap<String, f64>,
+    pub bytes_read: f64,
+    pub bytes_written: f64,
+    /// Requests answered with an error.
+    pub errors: f64,
+    /// Requests being served right now, one entry per queue.
+    pub in_flight: Vec<u32>,
+}
+
 /// A mounted export. Private: the public API is ts/index.ts.
 #[napi]
 pub struct NativeExport {
@@ -169,6 +181,36 @@ impl NativeExport {
     #[napi(ts_return_type = "Promise<void>")]
     pub fn close(&self) -> AsyncTask<CloseTask> {
         AsyncTask::new(CloseTask { session: self.session.clone() })
+    }
+
+    /// Counters since the export started; all zero once closed.
+    #[napi]
+    pub fn stats(&self) -> NativeStats {
+        use blockfuse_core::protocol::abi::opcode;
+        use std::sync::atomic::Ordering::Relaxed;
+        let guard = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = NativeStats {
+            requests: Default::default(),
+            bytes_read: 0.0,
+            bytes_written: 0.0,
+            errors: 0.0,
+            in_flight: Vec::new(),
+        };
+        if let Some(session) = guard.as_ref() {
+            let st = &session.export().stats;
+            for (op, count) in st.requests.iter().enumerate() {
+                let n = count.load(Relaxed);
+                if n > 0 {
+                    *out.requests.entry(opcode::name(op as u32).to_string()).or_default() +=
+                        n as f64;
+                }
+            }
+            out.bytes_read = st.bytes_read.load(Relaxed) as f64;
+            out.bytes_written = st.bytes_written.load(Relaxed) as f64;
+            out.errors = st.errors.load(Relaxed) as f64;
+            out.in_flight = session.in_flight().into_iter().map(|n| n as u32).collect();
+        }
+        out
     }
 
     /// Current size of the exported image in bytes (0 once closed).

@@ -53,6 +53,7 @@ struct Owner {
 
 /// Counters for `stats()`; relaxed atomics, never a lock on the hot path.
 pub struct Stats {
+    /// Requests by opcode; index 0 counts opcodes beyond the table.
     pub requests: [AtomicU64; 64],
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
@@ -115,9 +116,9 @@ impl Export {
     /// Handles one decoded request (INIT is the transport's, at mount time). `small` receives
     /// fixed-size reply bodies; `data` holds a WRITE's payload and receives READ data.
     pub async fn handle(&self, opcode: u32, op: Op, small: &mut [u8], data: &mut [u8]) -> Outcome {
-        if let Some(c) = self.stats.requests.get(opcode as usize) {
-            c.fetch_add(1, Ordering::Relaxed);
-        }
+        // Opcodes past the table (unknown to us) are counted in slot 0, which no opcode uses.
+        let slot = self.stats.requests.get(opcode as usize).unwrap_or(&self.stats.requests[0]);
+        slot.fetch_add(1, Ordering::Relaxed);
         let outcome = match op {
             Op::Forget => Outcome::NoReply,
             // A second INIT after the handshake is a protocol violation.

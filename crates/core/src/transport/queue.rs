@@ -35,14 +35,25 @@ pub struct Shared {
     /// The first reason the queues stopped by themselves, reported once.
     on_stop: Box<dyn Fn(StopCause) + Send + Sync>,
     stopped_reported: AtomicBool,
-    in_flight: AtomicU64,
+    /// Requests being served, per queue.
+    in_flight: Vec<AtomicU64>,
     pub max_write: usize,
 }
 
 impl Shared {
+    /// Shared state for a single queue (tests, fake devices).
     pub fn new(
         export: Export,
         max_write: usize,
+        on_stop: Box<dyn Fn(StopCause) + Send + Sync>,
+    ) -> Self {
+        Self::with_queues(export, max_write, 1, on_stop)
+    }
+
+    pub fn with_queues(
+        export: Export,
+        max_write: usize,
+        queues: usize,
         on_stop: Box<dyn Fn(StopCause) + Send + Sync>,
     ) -> Self {
         Shared {
@@ -51,7 +62,7 @@ impl Shared {
             stop_notify: Notify::new(),
             on_stop,
             stopped_reported: AtomicBool::new(false),
-            in_flight: AtomicU64::new(0),
+            in_flight: (0..queues.max(1)).map(|_| AtomicU64::new(0)).collect(),
             max_write,
         }
     }
@@ -66,8 +77,9 @@ impl Shared {
         self.stop.load(Ordering::Acquire)
     }
 
-    pub fn in_flight(&self) -> u64 {
-        self.in_flight.load(Ordering::Relaxed)
+    /// Requests being served right now, per queue.
+    pub fn in_flight(&self) -> Vec<u64> {
+        self.in_flight.iter().map(|c| c.load(Ordering::Relaxed)).collect()
     }
 
     fn stop_by_itself(&self, cause: StopCause) {
@@ -82,9 +94,14 @@ impl Shared {
 /// (max_write + a page), so a queue's memory is about `WORKERS_PER_QUEUE` MiB.
 pub const WORKERS_PER_QUEUE: usize = 16;
 
-/// Runs one queue on the current thread until the export stops. Returns after every worker
-/// finished its last request.
+/// Runs the only queue of `shared` (see [`run_queue_at`]).
 pub fn run_queue(fd: OwnedFd, shared: Arc<Shared>) -> io::Result<()> {
+    run_queue_at(fd, shared, 0)
+}
+
+/// Runs queue number `index` on the current thread until the export stops. Returns after every
+/// worker finished its last request.
+pub fn run_queue_at(fd: OwnedFd, shared: Arc<Shared>, index: usize) -> io::Result<()> {
     sys::set_nonblocking(fd.as_fd(), true)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
     let local = tokio::task::LocalSet::new();
@@ -106,7 +123,8 @@ pub fn run_queue(fd: OwnedFd, shared: Arc<Shared>) -> io::Result<()> {
         let mut workers = Vec::with_capacity(WORKERS_PER_QUEUE);
         for _ in 0..WORKERS_PER_QUEUE {
             let buf = RequestBuffer::new(shared.max_write, page);
-            workers.push(tokio::task::spawn_local(worker(intake.clone(), shared.clone(), buf)));
+            let w = worker(intake.clone(), shared.clone(), buf, index);
+            workers.push(tokio::task::spawn_local(w));
         }
         for w in workers {
             w.await.map_err(|e| io::Error::other(format!("queue worker failed: {e}")))?;
@@ -173,12 +191,13 @@ async fn receive(intake: &Intake, shared: &Shared, buf: &mut RequestBuffer) -> O
     }
 }
 
-async fn worker(intake: Rc<Intake>, shared: Arc<Shared>, mut buf: RequestBuffer) {
+async fn worker(intake: Rc<Intake>, shared: Arc<Shared>, mut buf: RequestBuffer, queue: usize) {
     let mut small = [0u8; MAX_SMALL_REPLY];
+    let in_flight = &shared.in_flight[queue.min(shared.in_flight.len() - 1)];
     while let Some(n) = receive(&intake, &shared, &mut buf).await {
-        shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        in_flight.fetch_add(1, Ordering::Relaxed);
         let keep_going = serve_one(&intake.fd, &shared, &mut buf, n, &mut small).await;
-        shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        in_flight.fetch_sub(1, Ordering::Relaxed);
         if !keep_going {
             break;
         }

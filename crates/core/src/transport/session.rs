@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::mount::{self, MountMethod, MountOptions};
-use super::queue::{run_queue, Shared, StopCause};
+use super::queue::{run_queue_at, Shared, StopCause};
 use crate::backend::BlockBackend;
 use crate::error::{Error, Result};
 use crate::export::{negotiate_init, Export, InitLimits, Negotiated};
@@ -82,13 +82,14 @@ impl Session {
                 reason: "the kernel ended the FUSE connection (unmounted from outside?)".into(),
             }),
         });
-        let shared = Arc::new(Shared::new(export, negotiated.max_write as usize, on_stop));
+        let max_write = negotiated.max_write as usize;
+        let shared = Arc::new(Shared::with_queues(export, max_write, fds.len(), on_stop));
         let mut threads = Vec::with_capacity(fds.len());
         for (i, fd) in fds.into_iter().enumerate() {
             let queue_shared = shared.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("blockfuse-q{i}"))
-                .spawn(move || run_queue(fd, queue_shared));
+                .spawn(move || run_queue_at(fd, queue_shared, i));
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => {
@@ -123,7 +124,8 @@ impl Session {
         self.negotiated
     }
 
-    pub fn in_flight(&self) -> u64 {
+    /// Requests being served right now, per queue.
+    pub fn in_flight(&self) -> Vec<u64> {
         self.shared.in_flight()
     }
 
