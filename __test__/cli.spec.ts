@@ -3,7 +3,7 @@
  * findmnt), real signals.
  */
 import { readFileSync } from 'node:fs'
-import { readFile, stat } from 'node:fs/promises'
+import { readFile, stat, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
 import test, { type ExecutionContext } from 'ava'
@@ -237,5 +237,37 @@ test('SIGHUP (a closed terminal) also drains, unmounts and exits 0', async (t) =
   await mustRun('cmp', [f.image, f.mountpoint])
   t.is((await cli.stop('SIGHUP')).code, 0, cli.stderr)
   t.is(cli.lines.at(-1), 'closed')
+  t.false(await isMounted(f.mountpoint))
+})
+
+/**
+ * Aborts the FUSE connection of the export on `mountpoint` through fusectl, as
+ * `echo 1 > /sys/fs/fuse/connections/<id>/abort` does: the native core sees its /dev/fuse stream
+ * end, which is a halt.
+ */
+async function abortFuseConnection(mountpoint: string): Promise<void> {
+  const fusectl = '/sys/fs/fuse/connections'
+  if (!(await isMounted(fusectl))) await mustRun('mount', ['-t', 'fusectl', 'fusectl', fusectl])
+  const { stdout } = await mustRun('findmnt', ['-n', '-o', 'MAJ:MIN', mountpoint])
+  const match = /^\s*(\d+):(\d+)\s*$/.exec(stdout)
+  if (!match) throw new Error(`findmnt printed no MAJ:MIN for ${mountpoint}: ${JSON.stringify(stdout)}`)
+  // The kernel's dev_t: major in the top 12 of 32 bits, minor in the low 20.
+  await writeFile(`${fusectl}/${Number(match[1]) * 2 ** 20 + Number(match[2])}/abort`, '1')
+}
+
+test('a halt (aborted FUSE connection) prints a halt event, unmounts and exits 1', async (t) => {
+  const f = await imageFixture(t, MiB)
+  const cli = startExport(t, ['--json', f.image, f.mountpoint])
+  await cli.waitForLine(/"event":"ready"/)
+  await abortFuseConnection(f.mountpoint)
+  const { code } = await cli.waitForExit(15_000, 'of the halt (it should unmount and exit by itself)')
+  t.is(code, 1, cli.stderr)
+  const events = cli.lines.map((l) => JSON.parse(l) as { event: string; reason?: string })
+  t.deepEqual(
+    events.map((e) => e.event),
+    ['ready', 'halt', 'close'],
+  )
+  t.true((events[1]?.reason ?? '').length > 0, 'the halt carries a reason')
+  t.regex(cli.stderr, /^blockfuse: the export halted and was unmounted: .+ \(HALTED\)\n$/)
   t.false(await isMounted(f.mountpoint))
 })

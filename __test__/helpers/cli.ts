@@ -96,17 +96,22 @@ export class CliProcess {
     }
   }
 
-  /** Sends `signal` and waits for the exit, killing the process if it does not exit in time. */
-  async stop(
-    signal: NodeJS.Signals,
-    timeoutMs = 30_000,
-  ): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+  /** Sends `signal` and waits for the exit (see {@link CliProcess.waitForExit}). */
+  stop(signal: NodeJS.Signals, timeoutMs = 30_000): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
     this.child.kill(signal)
+    return this.waitForExit(timeoutMs, `of ${signal}`)
+  }
+
+  /** Waits for the process to exit; kills it (and rejects with its output) if it does not in time. */
+  async waitForExit(
+    timeoutMs = 30_000,
+    after = 'of waiting',
+  ): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
     let timer: NodeJS.Timeout | undefined
     const timeout = new Promise<never>((_, reject) => {
       timer = setTimeout(() => {
         this.child.kill('SIGKILL')
-        reject(new Error(`the CLI did not exit within ${timeoutMs} ms of ${signal}\n${this.#output()}`))
+        reject(new Error(`the CLI did not exit within ${timeoutMs} ms ${after}\n${this.#output()}`))
       }, timeoutMs)
     })
     try {
