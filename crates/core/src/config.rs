@@ -1,6 +1,7 @@
 //! One export's whole configuration, already validated by the caller's policy layer (ts/), and
 //! the function that turns it into a running session. Rejects what it cannot serve.
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 use crate::backend::{Backend, CacheMode, NullBackend, RawBackend, RawOptions};
@@ -37,6 +38,29 @@ pub fn start(
     cfg: ExportConfig,
     on_event: Box<dyn Fn(SessionEvent) + Send + Sync>,
 ) -> Result<Session> {
+    let export = open_export(&cfg)?;
+    let session_cfg = SessionConfig {
+        mountpoint: cfg.mountpoint,
+        allow_other: cfg.allow_other,
+        threads: cfg.threads,
+    };
+    Session::start(export, session_cfg, on_event)
+}
+
+/// Serves the export over a fake device instead of a mount (`mountpoint` is ignored): returns
+/// the session and the peer end of a SOCK_SEQPACKET socketpair, which stands in for the kernel.
+/// Tests write crafted requests into the peer and read the replies from it.
+pub fn start_fake_device(
+    cfg: ExportConfig,
+    on_event: Box<dyn Fn(SessionEvent) + Send + Sync>,
+) -> Result<(Session, OwnedFd)> {
+    let export = open_export(&cfg)?;
+    let (ours, peer) = sys::seqpacket_pair()
+        .map_err(|e| Error::Internal(format!("cannot create a fake device: {e}")))?;
+    Ok((Session::serve_fake_device(export, ours, on_event)?, peer))
+}
+
+fn open_export(cfg: &ExportConfig) -> Result<Export> {
     if cfg.growable && !cfg.writable {
         return Err(Error::InvalidConfig("growable needs writable".into()));
     }
@@ -62,11 +86,5 @@ pub fn start(
         writethrough: cfg.writethrough,
         max_read: MAX_TRANSFER,
     };
-    let export = Export::new(backend, opts, uid, gid);
-    let session_cfg = SessionConfig {
-        mountpoint: cfg.mountpoint,
-        allow_other: cfg.allow_other,
-        threads: cfg.threads,
-    };
-    Session::start(export, session_cfg, on_event)
+    Ok(Export::new(backend, opts, uid, gid))
 }

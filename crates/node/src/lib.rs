@@ -105,19 +105,12 @@ impl Task for MountTask {
         let callback = self.on_event.take();
         no_panic("mount", move || {
             let cfg = to_core(config)?;
-            let on_event = Box::new(move |ev: SessionEvent| {
-                let SessionEvent::Halt { reason } = ev;
-                if let Some(cb) = &callback {
-                    let ev = NativeEvent { kind: "halt".into(), reason };
-                    cb.call(Ok(ev), ThreadsafeFunctionCallMode::NonBlocking);
-                }
-            });
-            config::start(cfg, on_event).map_err(core_error)
+            config::start(cfg, event_sink(callback)).map_err(core_error)
         })
     }
 
     fn resolve(&mut self, _env: Env, session: Session) -> Result<NativeExport> {
-        Ok(NativeExport { session: Arc::new(Mutex::new(Some(session))) })
+        Ok(NativeExport { session: Arc::new(Mutex::new(Some(session))), fake_peer: None })
     }
 }
 
@@ -163,6 +156,19 @@ pub struct NativeStats {
 #[napi]
 pub struct NativeExport {
     session: Arc<Mutex<Option<Session>>>,
+    /// With a fake device: the end that stands in for the kernel.
+    fake_peer: Option<std::os::fd::OwnedFd>,
+}
+
+/// Turns halt events into calls of the JS callback.
+fn event_sink(callback: Option<Arc<EventCallback>>) -> Box<dyn Fn(SessionEvent) + Send + Sync> {
+    Box::new(move |ev: SessionEvent| {
+        let SessionEvent::Halt { reason } = ev;
+        if let Some(cb) = &callback {
+            let ev = NativeEvent { kind: "halt".into(), reason };
+            cb.call(Ok(ev), ThreadsafeFunctionCallMode::NonBlocking);
+        }
+    })
 }
 
 #[napi]
@@ -175,6 +181,31 @@ impl NativeExport {
         on_event: EventCallback,
     ) -> AsyncTask<MountTask> {
         AsyncTask::new(MountTask { config: Some(config), on_event: Some(Arc::new(on_event)) })
+    }
+
+    /// Serves the export over a fake device instead of a mount (`mountpoint` is ignored): the
+    /// real request path, fed by whoever writes FUSE requests into `fakeDevicePeerFd`. For tests
+    /// of what the kernel never sends (malformed streams, halts).
+    #[napi]
+    pub fn start_fake_device(
+        config: NativeExportConfig,
+        #[napi(ts_arg_type = "(err: Error | null, event: NativeEvent) => void")]
+        on_event: EventCallback,
+    ) -> Result<NativeExport> {
+        let callback = Some(Arc::new(on_event));
+        no_panic("startFakeDevice", move || {
+            let cfg = to_core(config)?;
+            let (session, peer) =
+                config::start_fake_device(cfg, event_sink(callback)).map_err(core_error)?;
+            Ok(NativeExport { session: Arc::new(Mutex::new(Some(session))), fake_peer: Some(peer) })
+        })
+    }
+
+    /// The fd that stands in for the kernel, for an export made by `startFakeDevice`; else null.
+    #[napi(getter)]
+    pub fn fake_device_peer_fd(&self) -> Option<i32> {
+        use std::os::fd::AsRawFd;
+        self.fake_peer.as_ref().map(|fd| fd.as_raw_fd())
     }
 
     /// Unmounts, waits for in-flight requests, flushes the backend. Idempotent.

@@ -216,10 +216,32 @@ pub fn page_size() -> usize {
     }
 }
 
-/// Registers `fd` with the current tokio reactor for readability.
+/// Registers `fd` with the current tokio reactor for readability and errors (an aborted FUSE
+/// connection polls as EPOLLERR only).
 pub fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     // SAFETY: an OwnedFd is a valid open fd that returns the same number from as_raw_fd for its
     // whole life, and the AsyncFd owns it from here on.
-    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(
+            fd,
+            tokio::io::Interest::READABLE | tokio::io::Interest::ERROR,
+        )
+    }
+    .map_err(|e| e.into_parts().1)
+}
+
+/// A connected AF_UNIX SOCK_SEQPACKET pair: like /dev/fuse, each read returns one whole message.
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is a valid out-array of two ints for the duration of the call.
+    check(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: socketpair just created both fds and nobody else owns them.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }

@@ -151,8 +151,55 @@ pub fn unmount(mountpoint: &Path, method: MountMethod) -> Result<()> {
     }
 }
 
+/// Whether some mount sits exactly on `path` in this mount namespace (/proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        // Cannot tell: assume it is, and let the unmount itself report what is wrong.
+        return true;
+    };
+    mountinfo_has(&info, path)
+}
+
+fn mountinfo_has(info: &str, path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let want = path.as_os_str().as_bytes();
+    info.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .any(|field| unescape_mountinfo(field) == want)
+}
+
+/// Mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        let info = "36 35 98:0 / /mnt/a\\040b rw,noatime - fuse.blockfuse blockfuse rw\n\
+                    37 35 98:0 / /other rw - ext4 /dev/x rw\n";
+        assert!(mountinfo_has(info, Path::new("/mnt/a b")));
+        assert!(mountinfo_has(info, Path::new("/other")));
+        assert!(!mountinfo_has(info, Path::new("/mnt/a")));
+    }
+
     use super::*;
 
     #[test]

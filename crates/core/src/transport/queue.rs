@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::Notify;
 
 use super::buffer::RequestBuffer;
@@ -80,6 +81,11 @@ impl Shared {
     /// Requests being served right now, per queue.
     pub fn in_flight(&self) -> Vec<u64> {
         self.in_flight.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+
+    /// Our own close is about to unmount: the connection ending now is expected, not a halt.
+    pub fn begin_close(&self) {
+        self.stopped_reported.store(true, Ordering::Release);
     }
 
     fn stop_by_itself(&self, cause: StopCause) {
@@ -162,7 +168,8 @@ async fn receive(intake: &Intake, shared: &Shared, buf: &mut RequestBuffer) -> O
         let mut guard = tokio::select! {
             biased;
             _ = &mut stop => return None,
-            g = intake.fd.readable() => match g {
+            // ERROR too: an aborted connection never turns readable, and the read reports it.
+            g = intake.fd.ready(Interest::READABLE | Interest::ERROR) => match g {
                 Ok(g) => g,
                 Err(e) => {
                     shared.stop_by_itself(StopCause::Halt(format!("polling /dev/fuse failed: {e}")));
@@ -177,7 +184,7 @@ async fn receive(intake: &Intake, shared: &Shared, buf: &mut RequestBuffer) -> O
                 // Interrupted, or the request was aborted before we read it: try again.
                 Some(libc::EINTR) | Some(libc::ENOENT) | Some(libc::EAGAIN) => continue,
                 // The connection is gone: unmounted (by us or from outside) or aborted.
-                Some(libc::ENODEV) => {
+                Some(libc::ENODEV) | Some(libc::ECONNABORTED) => {
                     shared.stop_by_itself(StopCause::Disconnected);
                     return None;
                 }

@@ -13,7 +13,7 @@ use super::queue::{run_queue_at, Shared, StopCause};
 use crate::backend::BlockBackend;
 use crate::error::{Error, Result};
 use crate::export::{negotiate_init, Export, InitLimits, Negotiated};
-use crate::protocol::abi::{opcode, size};
+use crate::protocol::abi::{opcode, size, KERNEL_MINOR_VERSION};
 use crate::protocol::decode::{decode, DecodeError, Op};
 use crate::protocol::encode::{init_out, out_header, MAX_SMALL_REPLY};
 use crate::sys;
@@ -39,20 +39,17 @@ pub enum SessionEvent {
 pub struct Session {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<std::io::Result<()>>>,
-    mountpoint: PathBuf,
-    method: MountMethod,
-    mounted: bool,
+    /// Where the export is mounted and how, until it is unmounted; None for a fake device.
+    mount: Option<(PathBuf, MountMethod)>,
     negotiated: Negotiated,
 }
+
+type EventSink = Box<dyn Fn(SessionEvent) + Send + Sync>;
 
 impl Session {
     /// Mounts `export` and returns once the kernel has been answered INIT, i.e. the mountpoint
     /// serves requests.
-    pub fn start(
-        export: Export,
-        cfg: SessionConfig,
-        on_event: Box<dyn Fn(SessionEvent) + Send + Sync>,
-    ) -> Result<Session> {
+    pub fn start(export: Export, cfg: SessionConfig, on_event: EventSink) -> Result<Session> {
         if cfg.threads == 0 {
             return Err(Error::InvalidConfig("threads must be at least 1".into()));
         }
@@ -76,44 +73,50 @@ impl Session {
         for _ in 1..cfg.threads {
             fds.push(clone_fd(&fds[0]).map_err(unmount_on_error)?);
         }
+        Self::run(export, fds, Some((cfg.mountpoint, method)), negotiated, on_event)
+    }
+
+    /// Serves `export` on one queue over `fd`, a fake device (e.g. one end of a SOCK_SEQPACKET
+    /// socketpair) that stands in for an already initialised `/dev/fuse` connection: no mount, no
+    /// INIT. For tests that feed crafted byte streams through the real request path.
+    pub fn serve_fake_device(export: Export, fd: OwnedFd, on_event: EventSink) -> Result<Session> {
+        let negotiated =
+            Negotiated { minor: KERNEL_MINOR_VERSION, flags: 0, max_write: MAX_TRANSFER };
+        Self::run(export, vec![fd], None, negotiated, on_event)
+    }
+
+    fn run(
+        export: Export,
+        fds: Vec<OwnedFd>,
+        mount: Option<(PathBuf, MountMethod)>,
+        negotiated: Negotiated,
+        on_event: EventSink,
+    ) -> Result<Session> {
         let on_stop = Box::new(move |cause: StopCause| match cause {
             StopCause::Halt(reason) => on_event(SessionEvent::Halt { reason }),
             StopCause::Disconnected => on_event(SessionEvent::Halt {
-                reason: "the kernel ended the FUSE connection (unmounted from outside?)".into(),
+                reason: "the kernel ended the FUSE connection (aborted, or unmounted from outside)"
+                    .into(),
             }),
         });
         let max_write = negotiated.max_write as usize;
         let shared = Arc::new(Shared::with_queues(export, max_write, fds.len(), on_stop));
-        let mut threads = Vec::with_capacity(fds.len());
+        let mut session =
+            Session { shared, threads: Vec::with_capacity(fds.len()), mount, negotiated };
         for (i, fd) in fds.into_iter().enumerate() {
-            let queue_shared = shared.clone();
+            let queue_shared = session.shared.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("blockfuse-q{i}"))
                 .spawn(move || run_queue_at(fd, queue_shared, i));
             match spawned {
-                Ok(t) => threads.push(t),
+                Ok(t) => session.threads.push(t),
                 Err(e) => {
-                    let mut s = Session {
-                        shared,
-                        threads,
-                        mountpoint: cfg.mountpoint.clone(),
-                        method,
-                        mounted: true,
-                        negotiated,
-                    };
-                    let _ = s.shutdown();
+                    let _ = session.shutdown();
                     return Err(Error::Internal(format!("cannot start queue thread: {e}")));
                 }
             }
         }
-        Ok(Session {
-            shared,
-            threads,
-            mountpoint: cfg.mountpoint,
-            method,
-            mounted: true,
-            negotiated,
-        })
+        Ok(session)
     }
 
     pub fn export(&self) -> &Export {
@@ -133,11 +136,12 @@ impl Session {
     /// Idempotent.
     pub fn shutdown(&mut self) -> Result<()> {
         // Unmount first, while the queues still answer: the mountpoint is uncovered at once.
-        let unmounted = if self.mounted {
-            self.mounted = false;
-            mount::unmount(&self.mountpoint, self.method)
-        } else {
-            Ok(())
+        self.shared.begin_close();
+        let unmounted = match self.mount.take() {
+            // Unmounted from outside already (umount, fusermount3 -u): nothing left to do.
+            Some((mountpoint, _)) if !mount::is_mounted(&mountpoint) => Ok(()),
+            Some((mountpoint, method)) => mount::unmount(&mountpoint, method),
+            None => Ok(()),
         };
         self.shared.request_stop();
         let mut failure = None;
