@@ -23,7 +23,8 @@ pub enum Extent {
 /// A disk image. Offsets and lengths are bytes; callers keep requests inside `len()` except for
 /// the resizing calls. Futures are not required to be `Send`: each queue drives its own
 /// current-thread runtime.
-#[allow(async_fn_in_trait)]
+// `len` is the image size, not a collection length: an `is_empty` would mean nothing here.
+#[allow(async_fn_in_trait, clippy::len_without_is_empty)]
 pub trait BlockBackend: Send + Sync {
     /// Current size in bytes.
     fn len(&self) -> u64;

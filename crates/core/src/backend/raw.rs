@@ -86,7 +86,10 @@ impl RawBackend {
 
     fn is_aligned(&self, ptr: *const u8, len: usize, offset: u64) -> bool {
         let a = self.alignment as u64;
-        a <= 1 || (ptr as u64 % a == 0 && len as u64 % a == 0 && offset % a == 0)
+        a <= 1
+            || ((ptr as u64).is_multiple_of(a)
+                && (len as u64).is_multiple_of(a)
+                && offset.is_multiple_of(a))
     }
 
     /// Reads until `buf` is full or EOF; returns the bytes read.

@@ -71,10 +71,10 @@ impl Ring {
         let mut slots = self.slots.borrow_mut();
         for cqe in ring.completion() {
             if let Some(slot) = slots.get_mut(cqe.user_data() as usize) {
-                if let Slot::Pending(waker) = std::mem::replace(slot, Slot::Done(cqe.result())) {
-                    if let Some(w) = waker {
-                        w.wake();
-                    }
+                if let Slot::Pending(Some(waker)) =
+                    std::mem::replace(slot, Slot::Done(cqe.result()))
+                {
+                    waker.wake();
                 }
             }
         }
