@@ -1,0 +1,114 @@
+// Statistics and markdown rendering for bench results. Pure: no I/O.
+
+/** Median of numbers (mean of the middle two for an even count); NaN when empty. */
+export function median(values) {
+  const v = values.filter((x) => Number.isFinite(x)).sort((a, b) => a - b)
+  if (v.length === 0) return NaN
+  const mid = Math.floor(v.length / 2)
+  return v.length % 2 ? v[mid] : (v[mid - 1] + v[mid]) / 2
+}
+
+export function minMax(values) {
+  const v = values.filter((x) => Number.isFinite(x))
+  if (v.length === 0) return [NaN, NaN]
+  return [Math.min(...v), Math.max(...v)]
+}
+
+/** 123456 -> "123.5k", 950 -> "950". */
+export function kilo(n) {
+  if (!Number.isFinite(n)) return '—'
+  if (Math.abs(n) >= 1000) return `${(n / 1000).toFixed(1)}k`
+  return `${Math.round(n)}`
+}
+
+function ratio(a, b) {
+  if (!Number.isFinite(a) || !Number.isFinite(b) || b <= 0) return '—'
+  return `${(a / b).toFixed(2)}`
+}
+
+function fixed(n, digits) {
+  return Number.isFinite(n) ? n.toFixed(digits) : '—'
+}
+
+/**
+ * Summarises the runs of one (cell, peer): IOPS median and spread, median server CPU µs per I/O,
+ * highest peak RSS. `runs` are `{ iops, cpuUsPerIo, rssKiB, error }`.
+ */
+export function summarise(runs) {
+  const ok = runs.filter((r) => !r.error)
+  const iops = ok.map((r) => r.iops)
+  const [min, max] = minMax(iops)
+  const rss = ok.map((r) => r.rssKiB).filter((x) => Number.isFinite(x))
+  return {
+    n: ok.length,
+    errors: runs.filter((r) => r.error).map((r) => r.error),
+    iops: median(iops),
+    min,
+    max,
+    cpuUsPerIo: median(ok.map((r) => r.cpuUsPerIo)),
+    rssMiB: rss.length ? Math.max(...rss) / 1024 : NaN,
+  }
+}
+
+function cellText(s) {
+  if (!s || s.n === 0) return s && s.errors.length ? 'error' : '—'
+  if (s.n === 1) return kilo(s.iops)
+  return `${kilo(s.iops)} (${kilo(s.min)}–${kilo(s.max)})`
+}
+
+/**
+ * Renders the summary (one row per cell, one column per peer, plus ratios) and the detail table
+ * (one row per cell and peer). `cells` is `[{ id, peers: { [peerId]: summary } }]`, `peers` the
+ * ordered `[{ id, label }]`, `nThreads` the N of the multi-threaded peers.
+ */
+export function renderTables(cells, peers, nThreads) {
+  const present = peers.filter((p) => cells.some((c) => c.peers[p.id]))
+  const bf1 = `blockfuse-1t`
+  const bfN = `blockfuse-${nThreads}t`
+  const lines = []
+  const head = ['cell', ...present.map((p) => p.label), `bf-1t / QEMU`, `bf-${nThreads}t / QEMU`, 'best bf / ceiling']
+  lines.push(`| ${head.join(' | ')} |`)
+  lines.push(`|${head.map((_, i) => (i === 0 ? ':---' : '---:')).join('|')}|`)
+  for (const c of cells) {
+    const get = (id) => c.peers[id]?.iops
+    const bestBf = Math.max(get(bf1) ?? NaN, get(bfN) ?? NaN)
+    const row = [
+      `\`${c.id}\``,
+      ...present.map((p) => cellText(c.peers[p.id])),
+      ratio(get(bf1), get('qemu')),
+      ratio(get(bfN), get('qemu')),
+      ratio(bestBf, get('ceiling')),
+    ]
+    lines.push(`| ${row.join(' | ')} |`)
+  }
+  const summary = lines.join('\n')
+
+  const d = []
+  d.push('| cell | peer | IOPS (median) | IOPS min–max | runs | server CPU µs/IO | server peak RSS MiB |')
+  d.push('|:---|:---|---:|---:|---:|---:|---:|')
+  for (const c of cells) {
+    for (const p of present) {
+      const s = c.peers[p.id]
+      if (!s) continue
+      const spread = s.n ? `${Math.round(s.min)}–${Math.round(s.max)}` : '—'
+      const iops = s.n ? `${Math.round(s.iops)}` : `error: ${s.errors[0] ?? 'no runs'}`.replaceAll('|', '/')
+      d.push(
+        `| \`${c.id}\` | ${p.id} | ${iops} | ${spread} | ${s.n} | ${fixed(s.cpuUsPerIo, 2)} | ${fixed(s.rssMiB, 1)} |`,
+      )
+    }
+  }
+  return { summary, detail: d.join('\n') }
+}
+
+/** The machine block printed above every table. */
+export function renderMachine(m) {
+  return [
+    `- date: ${m.date}`,
+    `- CPU: ${m.cores} cores (${m.cpuModel}), ${m.memGiB} GiB RAM`,
+    `- kernel: ${m.kernel}`,
+    `- image disk: ${m.disk}`,
+    `- fio: ${m.fio}; qemu-storage-daemon: ${m.qemu}; node: ${m.node}; fuser crate: ${m.fuser}`,
+    `- blockfuse commit: ${m.commit}`,
+    `- load average at start / end: ${m.loadStart} / ${m.loadEnd ?? '—'}`,
+  ].join('\n')
+}
