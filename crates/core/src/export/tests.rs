@@ -2,6 +2,7 @@
 //! INIT negotiation.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::{negotiate_init, Export, ExportOptions, InitLimits, Outcome};
 use crate::backend::{Backend, BlockBackend, MemoryBackend, NullBackend};
@@ -245,7 +246,7 @@ fn init_max_write_and_pages() {
     assert_eq!((out.max_write, neg.max_write), (1 << 20, 1 << 20));
     assert_eq!(out.max_pages, 256);
     // Without MAX_PAGES the kernel sends at most 32 pages per request.
-    let (out, neg) = negotiate_init(7, 41, 0, u32::MAX & !FUSE_MAX_PAGES, limits()).unwrap();
+    let (out, neg) = negotiate_init(7, 41, 0, !FUSE_MAX_PAGES, limits()).unwrap();
     assert_eq!((out.max_write, neg.max_write), (128 << 10, 128 << 10));
     // Never more than our buffers take.
     let small = InitLimits { max_write: 64 << 10, page_size: 4096 };
@@ -339,7 +340,7 @@ fn flush_and_fsync_flush_the_backend() {
 
 #[test]
 fn stats_count_requests_bytes_and_errors() {
-    use std::sync::atomic::Ordering::Relaxed;
+    use Ordering::Relaxed;
     let e = export(writable());
     call(&e, Op::Read { offset: 0, size: 100 }, &[]);
     write(&e, 0, &[1; 30]);
@@ -515,34 +516,38 @@ fn concurrent_setattrs_never_tear_mode_uid_gid() {
     let combo_b = (libc::S_IFREG | 0o644, 200, 200);
     let initial = (libc::S_IFREG | 0o600, UID, GID);
     let ok = |c: (u32, u32, u32)| c == combo_a || c == combo_b || c == initial;
-    const ROUNDS: usize = 20_000;
-    let done = std::sync::atomic::AtomicUsize::new(0);
+    const ROUNDS: usize = 50_000;
+    // Counts finished writers, also when one fails: the reader must not spin forever then.
+    struct Done<'a>(&'a AtomicUsize);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+    let done = AtomicUsize::new(0);
     std::thread::scope(|s| {
         for s_in in [a, b] {
             let (e, done) = (&e, &done);
             s.spawn(move || {
+                let _done = Done(done);
                 let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
                 let mut small = [0u8; MAX_SMALL_REPLY];
                 let mut data = [0u8; 16];
                 for _ in 0..ROUNDS {
-                    let out = rt.block_on(e.handle(
-                        opcode::FUSE_SETATTR,
-                        Op::Setattr(s_in),
-                        &mut small,
-                        &mut data,
-                    ));
+                    let op = Op::Setattr(s_in);
+                    let out =
+                        rt.block_on(e.handle(opcode::FUSE_SETATTR, op, &mut small, &mut data));
                     assert_eq!(out, Outcome::Small(104));
                     let reply = Reply { outcome: out, small, data: Vec::new() }.attr();
                     let c = (reply.mode, reply.uid, reply.gid);
                     assert!(ok(c), "a SETATTR reply carried a torn combination {c:?}");
                 }
-                done.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             });
         }
         let (e, done) = (&e, &done);
         s.spawn(move || {
             let mut reads = 0u64;
-            while done.load(std::sync::atomic::Ordering::Acquire) < 2 || reads < 1000 {
+            while done.load(Ordering::Acquire) < 2 || reads < 1000 {
                 let at = e.attr();
                 let c = (at.mode, at.uid, at.gid);
                 assert!(ok(c), "attr() saw a torn combination {c:?}");
