@@ -661,6 +661,17 @@ async function main() {
           // Rotate the order each repetition so no peer always runs first or last.
           const order = groupPeers.map((_, i) => groupPeers[(i + rep) % groupPeers.length])
           for (const peer of order) {
+            const prev = servers.get(peer.id)
+            if (prev?.exited) {
+              // A server that died (e.g. its binary was rebuilt under it) is restarted before its next run.
+              process.stderr.write(`bench: ${peer.id} exited (${prev.stderr.trim().split('\n').pop()}), restarting\n`)
+              await stopServer(prev)
+              try {
+                servers.set(peer.id, await startServer(peer, backend, image, mntDir, opts))
+              } catch (err) {
+                process.stderr.write(`bench: ${err.message}\n`)
+              }
+            }
             const r = await measure({ cell, peer, server: servers.get(peer.id), image, opts, tmp })
             byPeer.get(peer.id).push(r)
             if (r.raw) raw.push({ peer: peer.id, rep: rep + 1, fio: r.raw })
