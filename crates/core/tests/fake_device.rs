@@ -1,0 +1,638 @@
+//! The transport over a fake device: one end of a SOCK_SEQPACKET socketpair (which keeps message
+//! boundaries, like /dev/fuse) is served by a real queue, the other end plays the kernel. Crafted
+//! requests go in, exact reply bytes come out; malformed streams halt the queue.
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockfuse_core::backend::{Backend, CacheMode, MemoryBackend};
+use blockfuse_core::config::{self, ExportConfig, Source};
+use blockfuse_core::export::{Export, ExportOptions};
+use blockfuse_core::protocol::abi::opcode::*;
+use blockfuse_core::transport::queue::{run_queue, Shared, StopCause, WORKERS_PER_QUEUE};
+use blockfuse_core::transport::{Session, SessionEvent};
+
+const MAX_WRITE: usize = 64 << 10;
+const IMAGE_LEN: usize = 256 << 10;
+const UID: u32 = 1234;
+const GID: u32 = 5678;
+/// Bound on every wait: a queue that does not answer, stop or return within it has failed.
+const WAIT: Duration = Duration::from_secs(5);
+
+const ENOSYS: i32 = libc::ENOSYS;
+const EINVAL: i32 = libc::EINVAL;
+
+/// The kernel's end and the queue's end of a fake device.
+fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid out-array of two ints for the duration of the call.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    assert_eq!(r, 0, "socketpair failed: {}", io::Error::last_os_error());
+    // SAFETY: socketpair just created both fds; nobody else owns them.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+/// The kernel's end. std has no SEQPACKET type; UnixDatagram's send/recv are the same syscalls
+/// and keep the message boundaries the socket type gives.
+fn kernel_end(fd: OwnedFd) -> UnixDatagram {
+    let sock = UnixDatagram::from(fd);
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    sock.set_write_timeout(Some(WAIT)).unwrap();
+    sock
+}
+
+/// A pattern with no zero bytes, so zeros in a reply mean something.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 13 % 251) as u8 + 1).collect()
+}
+
+fn writable() -> ExportOptions {
+    ExportOptions {
+        writable: true,
+        growable: false,
+        allow_other: false,
+        writethrough: false,
+        max_read: MAX_WRITE as u32,
+    }
+}
+
+fn memory_export(opts: ExportOptions) -> Export {
+    Export::new(Backend::Memory(MemoryBackend::new(pattern(IMAGE_LEN))), opts, UID, GID)
+}
+
+/// A queue served by `run_queue` on its own thread.
+struct Queue {
+    kernel: UnixDatagram,
+    shared: Arc<Shared>,
+    stops: Receiver<StopCause>,
+    returned: Receiver<io::Result<()>>,
+}
+
+impl Queue {
+    /// Starts a queue; `pending` messages are in the device before the queue first reads.
+    fn start(export: Export, pending: &[&[u8]]) -> Queue {
+        let (ours, theirs) = seqpacket_pair();
+        let kernel = kernel_end(theirs);
+        for m in pending {
+            send(&kernel, m);
+        }
+        let (stop_tx, stops) = mpsc::channel();
+        let on_stop = Box::new(move |cause: StopCause| {
+            let _ = stop_tx.send(cause);
+        });
+        let shared = Arc::new(Shared::new(export, MAX_WRITE, on_stop));
+        let (ret_tx, returned) = mpsc::channel();
+        let queue_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("fake-device-queue".into())
+            .spawn(move || {
+                let _ = ret_tx.send(run_queue(ours, queue_shared));
+            })
+            .unwrap();
+        Queue { kernel, shared, stops, returned }
+    }
+
+    fn send(&self, msg: &[u8]) {
+        send(&self.kernel, msg);
+    }
+
+    /// The next reply; fails the test if none comes within [`WAIT`].
+    fn recv(&self) -> Vec<u8> {
+        let reply = recv(&self.kernel).expect("no reply within the time limit");
+        assert!(!reply.is_empty(), "the queue closed the device instead of answering");
+        reply
+    }
+
+    /// Sends one request and returns its reply.
+    fn call(&self, msg: &[u8]) -> Vec<u8> {
+        self.send(msg);
+        self.recv()
+    }
+
+    fn memory(&self) -> &MemoryBackend {
+        match self.shared.export.backend() {
+            Backend::Memory(m) => m,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Waits (bounded) for `run_queue` to return.
+    fn returned(&self) -> io::Result<()> {
+        match self.returned.recv_timeout(WAIT) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => panic!("run_queue did not return within {WAIT:?}"),
+            Err(RecvTimeoutError::Disconnected) => panic!("the queue thread panicked"),
+        }
+    }
+
+    /// Waits (bounded) for the queue to report that it stopped by itself.
+    fn stop_cause(&self) -> StopCause {
+        self.stops.recv_timeout(WAIT).expect("no stop reported within the time limit")
+    }
+
+    /// After the queue returned: it reported no stop of its own, and closed the device without
+    /// answering anything more.
+    fn assert_closed_without_reply(&self) {
+        match recv(&self.kernel) {
+            Some(r) if r.is_empty() => {}
+            Some(r) => panic!("got a reply after the queue stopped: {r:?}"),
+            None => panic!("the device is still open after run_queue returned"),
+        }
+    }
+}
+
+fn send(sock: &UnixDatagram, msg: &[u8]) {
+    assert!(msg.len() <= MAX_WRITE + 80, "a crafted message would be truncated by the socket");
+    assert_eq!(sock.send(msg).expect("send to the fake device"), msg.len());
+}
+
+/// One message; `Some(empty)` at end of stream, `None` on timeout.
+fn recv(sock: &UnixDatagram) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 2 * MAX_WRITE];
+    match sock.recv(&mut buf) {
+        Ok(n) => {
+            buf.truncate(n);
+            Some(buf)
+        }
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => None,
+        // The queue closed its end with requests still unread in it.
+        Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => Some(Vec::new()),
+        Err(e) => panic!("recv from the fake device: {e}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests and replies, byte by byte (include/uapi/linux/fuse.h)
+
+/// `fuse_in_header` with `len` = the real size, then `body`.
+fn request(opcode: u32, unique: u64, body: &[u8]) -> Vec<u8> {
+    with_len(opcode, unique, body, (40 + body.len()) as u32)
+}
+
+/// As [`request`] but with the header claiming `len` bytes.
+fn with_len(opcode: u32, unique: u64, body: &[u8], len: u32) -> Vec<u8> {
+    let mut v = Vec::with_capacity(40 + body.len());
+    v.extend_from_slice(&len.to_ne_bytes());
+    v.extend_from_slice(&opcode.to_ne_bytes());
+    v.extend_from_slice(&unique.to_ne_bytes());
+    v.extend_from_slice(&1u64.to_ne_bytes()); // nodeid
+    v.extend_from_slice(&UID.to_ne_bytes());
+    v.extend_from_slice(&GID.to_ne_bytes());
+    v.extend_from_slice(&4242u32.to_ne_bytes()); // pid
+    v.extend_from_slice(&[0; 4]); // total_extlen, padding
+    v.extend_from_slice(body);
+    v
+}
+
+/// `fuse_read_in` / `fuse_write_in` (same 40-byte layout), then an optional payload.
+fn rw(opcode: u32, unique: u64, offset: u64, size: u32, payload: &[u8]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&7u64.to_ne_bytes()); // fh
+    b.extend_from_slice(&offset.to_ne_bytes());
+    b.extend_from_slice(&size.to_ne_bytes());
+    b.extend_from_slice(&0u32.to_ne_bytes()); // read_flags / write_flags
+    b.extend_from_slice(&0u64.to_ne_bytes()); // lock_owner
+    b.extend_from_slice(&2u32.to_ne_bytes()); // flags
+    b.extend_from_slice(&0u32.to_ne_bytes()); // padding
+    b.extend_from_slice(payload);
+    request(opcode, unique, &b)
+}
+
+fn read_req(unique: u64, offset: u64, size: u32) -> Vec<u8> {
+    rw(FUSE_READ, unique, offset, size, &[])
+}
+
+fn write_req(unique: u64, offset: u64, payload: &[u8]) -> Vec<u8> {
+    rw(FUSE_WRITE, unique, offset, payload.len() as u32, payload)
+}
+
+fn getattr_req(unique: u64) -> Vec<u8> {
+    // fuse_getattr_in: getattr_flags, dummy, fh.
+    request(FUSE_GETATTR, unique, &[0; 16])
+}
+
+/// `fuse_out_header` followed by `body`.
+fn reply(error: i32, unique: u64, body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+    v.extend_from_slice(&error.to_ne_bytes());
+    v.extend_from_slice(&unique.to_ne_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+fn error_reply(errno: i32, unique: u64) -> Vec<u8> {
+    reply(-errno, unique, &[])
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    u64::from_ne_bytes(b[off..off + 8].try_into().unwrap())
+}
+
+/// The GETATTR reply we expect: `fuse_attr_out` for the export's only file. Times are "now",
+/// so they are taken from `got` (and checked to be sane).
+fn attr_reply(unique: u64, size: u64, mode: u32, got: &[u8]) -> Vec<u8> {
+    let mut a = Vec::new();
+    a.extend_from_slice(&1u64.to_ne_bytes()); // attr_valid
+    a.extend_from_slice(&0u32.to_ne_bytes()); // attr_valid_nsec
+    a.extend_from_slice(&0u32.to_ne_bytes()); // dummy
+    a.extend_from_slice(&1u64.to_ne_bytes()); // ino
+    a.extend_from_slice(&size.to_ne_bytes());
+    a.extend_from_slice(&size.div_ceil(512).to_ne_bytes()); // blocks
+                                                            // atime, mtime, ctime, atimensec, mtimensec, ctimensec: bytes 40..76 of fuse_attr_out.
+    let times = got.get(16 + 40..16 + 76).unwrap_or(&[0; 36]);
+    a.extend_from_slice(times);
+    a.extend_from_slice(&mode.to_ne_bytes());
+    a.extend_from_slice(&1u32.to_ne_bytes()); // nlink
+    a.extend_from_slice(&UID.to_ne_bytes());
+    a.extend_from_slice(&GID.to_ne_bytes());
+    a.extend_from_slice(&0u32.to_ne_bytes()); // rdev
+    a.extend_from_slice(&512u32.to_ne_bytes()); // blksize
+    a.extend_from_slice(&0u32.to_ne_bytes()); // flags
+    assert_eq!(a.len(), 104);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let mtime = u64_at(&a, 48);
+    assert!(mtime.abs_diff(now.as_secs()) < 60, "mtime {mtime} is not now");
+    reply(0, unique, &a)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Serving
+
+#[test]
+fn answers_crafted_requests_with_exact_replies() {
+    let q = Queue::start(memory_export(writable()), &[]);
+    let image = pattern(IMAGE_LEN);
+
+    let got = q.call(&getattr_req(0x100));
+    assert_eq!(got, attr_reply(0x100, IMAGE_LEN as u64, libc::S_IFREG | 0o600, &got));
+
+    assert_eq!(q.call(&read_req(0x101, 1000, 300)), reply(0, 0x101, &image[1000..1300]));
+    // Short at EOF, empty past it.
+    let tail = IMAGE_LEN as u64 - 10;
+    assert_eq!(q.call(&read_req(0x102, tail, 4096)), reply(0, 0x102, &image[IMAGE_LEN - 10..]));
+    assert_eq!(q.call(&read_req(0x103, u64::MAX, 4096)), reply(0, 0x103, &[]));
+    // Above max_read.
+    let too_big = MAX_WRITE as u32 + 1;
+    assert_eq!(q.call(&read_req(0x104, 0, too_big)), error_reply(EINVAL, 0x104));
+
+    // WRITE: fuse_write_out { size, padding }, and the bytes land in the backend.
+    let payload = b"written through a fake /dev/fuse";
+    let mut write_out = (payload.len() as u32).to_ne_bytes().to_vec();
+    write_out.extend_from_slice(&[0; 4]);
+    assert_eq!(q.call(&write_req(0x105, 4096, payload)), reply(0, 0x105, &write_out));
+    let mut want = image.clone();
+    want[4096..4096 + payload.len()].copy_from_slice(payload);
+    assert_eq!(q.memory().snapshot(), want);
+    let back = q.call(&read_req(0x106, 4096, payload.len() as u32));
+    assert_eq!(back, reply(0, 0x106, payload));
+
+    // Unknown and unimplemented opcodes.
+    assert_eq!(q.call(&request(9999, 0x107, &[])), error_reply(ENOSYS, 0x107));
+    let mkdir = request(FUSE_MKDIR, 0x108, b"\xed\x01\0\0\x12\0\0\0dir\0");
+    assert_eq!(q.call(&mkdir), error_reply(ENOSYS, 0x108));
+    assert_eq!(q.call(&request(FUSE_LOOKUP, 0x109, b"x\0")), error_reply(libc::ENOENT, 0x109));
+
+    // Malformed bodies: EINVAL to that request, and the queue keeps serving.
+    assert_eq!(q.call(&request(FUSE_SETATTR, 0x10a, &[0; 40])), error_reply(EINVAL, 0x10a));
+    let short = rw(FUSE_WRITE, 0x10b, 0, 100, &[0xff; 50]);
+    assert_eq!(q.call(&short), error_reply(EINVAL, 0x10b));
+    let long = rw(FUSE_WRITE, 0x10c, 0, 10, &[0xff; 50]);
+    assert_eq!(q.call(&long), error_reply(EINVAL, 0x10c));
+    assert_eq!(q.memory().snapshot(), want, "a rejected WRITE must not touch the image");
+    // Out-of-range offsets.
+    let overflow = write_req(0x10d, u64::MAX - 3, &[1; 16]);
+    assert_eq!(q.call(&overflow), error_reply(EINVAL, 0x10d));
+    let mut past_eof = 0u32.to_ne_bytes().to_vec();
+    past_eof.extend_from_slice(&[0; 4]);
+    assert_eq!(q.call(&write_req(0x10e, 1 << 40, &[1; 16])), reply(0, 0x10e, &past_eof));
+    assert_eq!(q.memory().snapshot(), want);
+
+    // FORGET gets no reply: the next reply on the device is the GETATTR's.
+    q.send(&request(FUSE_FORGET, 0x10f, &1u64.to_ne_bytes()));
+    let got = q.call(&getattr_req(0x110));
+    assert_eq!(got, attr_reply(0x110, IMAGE_LEN as u64, libc::S_IFREG | 0o600, &got));
+
+    q.shared.request_stop();
+    q.returned().unwrap();
+    assert!(q.stops.try_recv().is_err(), "a requested stop is not a halt");
+}
+
+#[test]
+fn malformed_and_failing_requests_do_not_wear_the_queue_down() {
+    // More bad requests than the queue has workers: each is answered, and none costs a worker.
+    let q = Queue::start(memory_export(writable()), &[]);
+    let rounds = 3 * WORKERS_PER_QUEUE as u64;
+    for i in 0..rounds {
+        let unique = 100 + 4 * i;
+        let short_setattr = request(FUSE_SETATTR, unique, &[0; 8]);
+        assert_eq!(q.call(&short_setattr), error_reply(EINVAL, unique));
+        let short_write = rw(FUSE_WRITE, unique + 1, 0, 64, &[1; 63]);
+        assert_eq!(q.call(&short_write), error_reply(EINVAL, unique + 1));
+        assert_eq!(q.call(&request(9999, unique + 2, &[])), error_reply(ENOSYS, unique + 2));
+        let too_big = read_req(unique + 3, 0, u32::MAX);
+        assert_eq!(q.call(&too_big), error_reply(EINVAL, unique + 3));
+    }
+    let got = q.call(&getattr_req(1));
+    assert_eq!(got, attr_reply(1, IMAGE_LEN as u64, libc::S_IFREG | 0o600, &got));
+    assert!(q.stops.try_recv().is_err(), "bad requests are not a halt");
+    q.shared.request_stop();
+    q.returned().unwrap();
+}
+
+#[test]
+fn the_largest_write_fits_the_receive_buffer() {
+    let q = Queue::start(memory_export(writable()), &[]);
+    let payload: Vec<u8> = (0..MAX_WRITE).map(|i| (i % 199) as u8).collect();
+    let mut write_out = (MAX_WRITE as u32).to_ne_bytes().to_vec();
+    write_out.extend_from_slice(&[0; 4]);
+    assert_eq!(q.call(&write_req(1, 8192, &payload)), reply(0, 1, &write_out));
+    assert_eq!(&q.memory().snapshot()[8192..8192 + MAX_WRITE], &payload[..]);
+    // And the largest read comes back whole.
+    let got = q.call(&read_req(2, 8192, MAX_WRITE as u32));
+    assert_eq!(got, reply(0, 2, &payload));
+    q.shared.request_stop();
+    q.returned().unwrap();
+}
+
+#[test]
+fn pipelined_requests_are_all_answered() {
+    let q = Queue::start(memory_export(writable()), &[]);
+    let image = pattern(IMAGE_LEN);
+    const N: u64 = 32;
+    for i in 0..N {
+        q.send(&read_req(1000 + i, i * 777, 256));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..N {
+        let got = q.recv();
+        let unique = u64_at(&got, 8);
+        let i = unique.checked_sub(1000).filter(|&i| i < N).expect("unknown unique");
+        let start = (i * 777) as usize;
+        assert_eq!(got, reply(0, unique, &image[start..start + 256]));
+        assert!(seen.insert(unique), "unique {unique} answered twice");
+    }
+    q.shared.request_stop();
+    q.returned().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Halting
+
+/// Feeds `bad` (with a valid GETATTR queued right behind it) to a fresh queue and checks the halt:
+/// the reason is reported once, run_queue returns, and the GETATTR is never answered.
+fn assert_halts(bad: &[u8], reason_mentions: &[&str]) {
+    let q = Queue::start(memory_export(writable()), &[bad, &getattr_req(77)]);
+    let StopCause::Halt(reason) = q.stop_cause() else {
+        panic!("expected a halt");
+    };
+    for word in reason_mentions {
+        assert!(reason.contains(word), "halt reason {reason:?} should mention {word:?}");
+    }
+    q.returned().expect("a halt is not a queue failure");
+    assert!(q.shared.stopping());
+    q.assert_closed_without_reply();
+    assert!(q.stops.try_recv().is_err(), "the halt is reported once");
+}
+
+#[test]
+fn a_message_shorter_than_the_header_halts() {
+    let full = getattr_req(1);
+    assert_halts(&full[..10], &["10", "header"]);
+}
+
+#[test]
+fn a_header_claiming_more_than_was_read_halts() {
+    let bad = with_len(FUSE_GETATTR, 1, &[], 48);
+    assert_halts(&bad, &["48", "40"]);
+}
+
+#[test]
+fn a_header_claiming_less_than_was_read_halts() {
+    let bad = with_len(FUSE_GETATTR, 1, &[0; 16], 40);
+    assert_halts(&bad, &["40", "56"]);
+}
+
+#[test]
+fn a_giant_header_length_halts() {
+    let bad = with_len(FUSE_WRITE, 1, &[0; 40], u32::MAX);
+    assert_halts(&bad, &[&u32::MAX.to_string()]);
+}
+
+#[test]
+fn a_request_larger_than_the_receive_buffer_halts() {
+    // The device hands the queue only what fits its buffer (80 + max_write bytes); the header
+    // then disagrees with the byte count. Built by hand: `send` refuses oversized messages.
+    let payload = vec![0xab; MAX_WRITE + 64];
+    let big = write_req(1, 0, &payload);
+    let (ours, theirs) = seqpacket_pair();
+    let kernel = kernel_end(theirs);
+    assert_eq!(kernel.send(&big).unwrap(), big.len());
+    let (stop_tx, stops) = mpsc::channel();
+    let on_stop = Box::new(move |c: StopCause| {
+        let _ = stop_tx.send(c);
+    });
+    let shared = Arc::new(Shared::new(memory_export(writable()), MAX_WRITE, on_stop));
+    let (ret_tx, returned) = mpsc::channel();
+    let s = shared.clone();
+    std::thread::spawn(move || {
+        let _ = ret_tx.send(run_queue(ours, s));
+    });
+    let q = Queue { kernel, shared, stops, returned };
+    let StopCause::Halt(reason) = q.stop_cause() else {
+        panic!("expected a halt");
+    };
+    assert!(reason.contains(&big.len().to_string()), "{reason}");
+    q.returned().unwrap();
+    assert_eq!(q.memory().snapshot(), pattern(IMAGE_LEN), "nothing of it may be written");
+    q.assert_closed_without_reply();
+}
+
+#[test]
+fn requests_before_a_halt_are_answered_and_none_after() {
+    let q = Queue::start(memory_export(writable()), &[]);
+    let got = q.call(&getattr_req(1));
+    assert_eq!(u64_at(&got, 8), 1);
+    q.send(&with_len(FUSE_GETATTR, 2, &[], 1000));
+    assert!(matches!(q.stop_cause(), StopCause::Halt(_)));
+    q.returned().unwrap();
+    // The device is closed: a later request cannot even be delivered, let alone answered.
+    q.assert_closed_without_reply();
+}
+
+#[test]
+fn the_peer_closing_the_device_stops_the_queue() {
+    let q = Queue::start(memory_export(writable()), &[]);
+    let Queue { kernel, shared: _shared, stops, returned } = q;
+    drop(kernel);
+    // Whatever it is called, the queue must notice and return rather than spin or hang.
+    stops.recv_timeout(WAIT).expect("the queue did not report the closed device");
+    returned.recv_timeout(WAIT).expect("run_queue did not return").unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stopping on request
+
+#[test]
+fn request_stop_ends_an_idle_queue() {
+    let q = Queue::start(memory_export(writable()), &[]);
+    // Make sure the queue is up and waiting for the next request.
+    assert_eq!(u64_at(&q.call(&getattr_req(5)), 8), 5);
+    q.shared.request_stop();
+    q.returned().unwrap();
+    assert!(q.stops.try_recv().is_err(), "a requested stop is not a halt");
+    q.assert_closed_without_reply();
+}
+
+#[test]
+fn request_stop_before_the_queue_starts_reading() {
+    let (ours, theirs) = seqpacket_pair();
+    let kernel = kernel_end(theirs);
+    let (stop_tx, stops) = mpsc::channel();
+    let on_stop = Box::new(move |c: StopCause| {
+        let _ = stop_tx.send(c);
+    });
+    let shared = Arc::new(Shared::new(memory_export(writable()), MAX_WRITE, on_stop));
+    shared.request_stop();
+    let (ret_tx, returned) = mpsc::channel();
+    let s = shared.clone();
+    std::thread::spawn(move || {
+        let _ = ret_tx.send(run_queue(ours, s));
+    });
+    let q = Queue { kernel, shared, stops, returned };
+    q.returned().unwrap();
+    assert!(q.stops.try_recv().is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The session around the queue: what TypeScript sees
+
+fn session(export: Export) -> (Session, UnixDatagram, Receiver<SessionEvent>) {
+    let (ours, theirs) = seqpacket_pair();
+    let (tx, events) = mpsc::channel();
+    let on_event = Box::new(move |e: SessionEvent| {
+        let _ = tx.send(e);
+    });
+    let s = Session::serve_fake_device(export, ours, on_event).unwrap();
+    (s, kernel_end(theirs), events)
+}
+
+/// Shuts a session down on another thread, failing if it takes longer than [`WAIT`].
+fn shutdown_bounded(mut s: Session) -> blockfuse_core::Result<()> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(s.shutdown());
+    });
+    rx.recv_timeout(WAIT).expect("shutdown did not finish in time")
+}
+
+#[test]
+fn a_halt_reaches_the_session_event_sink_and_close_still_works() {
+    let (s, kernel, events) = session(memory_export(writable()));
+    send(&kernel, &[0u8; 10]);
+    let SessionEvent::Halt { reason } = events.recv_timeout(WAIT).expect("no halt event");
+    assert!(reason.contains("header"), "{reason}");
+    shutdown_bounded(s).expect("closing a halted export succeeds");
+    assert!(events.try_recv().is_err(), "closing reports no second halt");
+}
+
+#[test]
+fn closing_an_idle_session_is_prompt_and_not_a_halt() {
+    let (s, kernel, events) = session(memory_export(writable()));
+    send(&kernel, &getattr_req(9));
+    assert_eq!(u64_at(&recv(&kernel).unwrap(), 8), 9);
+    shutdown_bounded(s).unwrap();
+    assert!(events.try_recv().is_err(), "our own close is not a halt");
+    assert_eq!(recv(&kernel), Some(Vec::new()), "the device is closed after shutdown");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A raw image file behind the fake device (the file I/O path, without a mount)
+
+struct TempImage(PathBuf);
+
+impl TempImage {
+    fn new(content: &[u8]) -> TempImage {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("blockfuse-fake-device-{}-{n}.raw", std::process::id());
+        let path = std::env::temp_dir().join(name);
+        std::fs::write(&path, content).unwrap();
+        TempImage(path)
+    }
+}
+
+impl Drop for TempImage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn a_raw_image_is_read_and_written_through_the_fake_device() {
+    let image = pattern(IMAGE_LEN);
+    let file = TempImage::new(&image);
+    let cfg = ExportConfig {
+        source: Source::Raw(file.0.clone()),
+        mountpoint: PathBuf::from("/nonexistent"),
+        writable: true,
+        growable: false,
+        allow_other: false,
+        threads: 1,
+        cache: CacheMode::Writeback,
+        writethrough: false,
+    };
+    let (tx, events) = mpsc::channel();
+    let (s, peer) = config::start_fake_device(
+        cfg,
+        Box::new(move |e| {
+            let _ = tx.send(e);
+        }),
+    )
+    .unwrap();
+    let kernel = kernel_end(peer);
+    let call = |m: &[u8]| {
+        send(&kernel, m);
+        recv(&kernel).expect("no reply")
+    };
+
+    assert_eq!(call(&read_req(1, 12345, 4096)), reply(0, 1, &image[12345..12345 + 4096]));
+    let payload = vec![0x42u8; 65536];
+    let mut write_out = 65536u32.to_ne_bytes().to_vec();
+    write_out.extend_from_slice(&[0; 4]);
+    assert_eq!(call(&write_req(2, 65536, &payload)), reply(0, 2, &write_out));
+    // FSYNC: fuse_fsync_in { fh, fsync_flags = datasync, padding }.
+    let mut fsync = 7u64.to_ne_bytes().to_vec();
+    fsync.extend_from_slice(&1u32.to_ne_bytes());
+    fsync.extend_from_slice(&[0; 4]);
+    assert_eq!(call(&request(FUSE_FSYNC, 3, &fsync)), reply(0, 3, &[]));
+    let on_disk = std::fs::read(&file.0).unwrap();
+    assert_eq!(&on_disk[65536..131072], &payload[..]);
+    assert_eq!(&on_disk[..65536], &image[..65536]);
+    // A straddling write stops at EOF; the file does not grow.
+    let mut ten = 10u32.to_ne_bytes().to_vec();
+    ten.extend_from_slice(&[0; 4]);
+    assert_eq!(call(&write_req(4, IMAGE_LEN as u64 - 10, &[7; 100])), reply(0, 4, &ten));
+    assert_eq!(call(&read_req(5, 65530, 12)), {
+        let mut want = image[65530..65536].to_vec();
+        want.extend_from_slice(&[0x42; 6]);
+        reply(0, 5, &want)
+    });
+
+    shutdown_bounded(s).unwrap();
+    assert_eq!(std::fs::metadata(&file.0).unwrap().len(), IMAGE_LEN as u64);
+    assert!(events.try_recv().is_err());
+}
