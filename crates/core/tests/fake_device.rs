@@ -11,7 +11,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
 
-use blockfuse_core::backend::{Backend, CacheMode, MemoryBackend};
+use blockfuse_core::backend::{Backend, BlockBackend, CacheMode, MemoryBackend};
 use blockfuse_core::config::{self, ExportConfig, Source};
 use blockfuse_core::export::{Export, ExportOptions};
 use blockfuse_core::protocol::abi::opcode::*;
@@ -635,4 +635,295 @@ fn a_raw_image_is_read_and_written_through_the_fake_device() {
     shutdown_bounded(s).unwrap();
     assert_eq!(std::fs::metadata(&file.0).unwrap().len(), IMAGE_LEN as u64);
     assert!(events.try_recv().is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw image files: allocation status, hole punching, O_DIRECT bouncing, growth
+
+/// A raw image served over a fake device through `config::start_fake_device`.
+struct RawDevice {
+    session: Session,
+    kernel: UnixDatagram,
+    file: TempImage,
+    events: Receiver<SessionEvent>,
+}
+
+fn raw_device(file: TempImage, growable: bool, cache: CacheMode) -> RawDevice {
+    let cfg = ExportConfig {
+        source: Source::Raw(file.0.clone()),
+        mountpoint: PathBuf::from("/nonexistent"),
+        writable: true,
+        growable,
+        allow_other: false,
+        threads: 1,
+        cache,
+        writethrough: false,
+    };
+    let (tx, events) = mpsc::channel();
+    let on_event = Box::new(move |e| {
+        let _ = tx.send(e);
+    });
+    let (session, peer) = config::start_fake_device(cfg, on_event)
+        .unwrap_or_else(|e| panic!("cannot serve {} ({cache:?}): {e}", file.0.display()));
+    RawDevice { session, kernel: kernel_end(peer), file, events }
+}
+
+impl RawDevice {
+    fn call(&self, msg: &[u8]) -> Vec<u8> {
+        send(&self.kernel, msg);
+        recv(&self.kernel).expect("no reply")
+    }
+    fn on_disk(&self) -> Vec<u8> {
+        std::fs::read(&self.file.0).unwrap()
+    }
+    fn blocks(&self) -> u64 {
+        let got = self.call(&getattr_req(1));
+        assert_eq!(got.len(), 16 + 104, "{got:?}");
+        u64_at(&got, 16 + 32)
+    }
+    fn size(&self) -> u64 {
+        u64_at(&self.call(&getattr_req(1)), 16 + 24)
+    }
+    fn close(self) {
+        shutdown_bounded(self.session).unwrap();
+        assert!(self.events.try_recv().is_err(), "no halt expected");
+    }
+}
+
+fn lseek_req(unique: u64, offset: u64, whence: i32) -> Vec<u8> {
+    let mut b = 7u64.to_ne_bytes().to_vec(); // fh
+    b.extend_from_slice(&offset.to_ne_bytes());
+    b.extend_from_slice(&(whence as u32).to_ne_bytes());
+    b.extend_from_slice(&[0; 4]);
+    request(FUSE_LSEEK, unique, &b)
+}
+
+fn fallocate_req(unique: u64, offset: u64, length: u64, mode: u32) -> Vec<u8> {
+    let mut b = 7u64.to_ne_bytes().to_vec(); // fh
+    b.extend_from_slice(&offset.to_ne_bytes());
+    b.extend_from_slice(&length.to_ne_bytes());
+    b.extend_from_slice(&mode.to_ne_bytes());
+    b.extend_from_slice(&[0; 4]);
+    request(FUSE_FALLOCATE, unique, &b)
+}
+
+/// `fuse_setattr_in` with only `valid` and `size` meaningful.
+fn truncate_req(unique: u64, size: u64) -> Vec<u8> {
+    let mut b = vec![0u8; 88];
+    b[..4].copy_from_slice(&(1u32 << 3).to_ne_bytes()); // FATTR_SIZE
+    b[16..24].copy_from_slice(&size.to_ne_bytes());
+    request(FUSE_SETATTR, unique, &b)
+}
+
+fn write_out(n: u32) -> Vec<u8> {
+    let mut v = n.to_ne_bytes().to_vec();
+    v.extend_from_slice(&[0; 4]);
+    v
+}
+
+const KIB: u64 = 1024;
+
+#[test]
+fn raw_sparse_image_seek_data_and_seek_hole() {
+    // Data in [0, 64K) and [512K, 576K), holes elsewhere in a 1 MiB file.
+    let file = TempImage::new(&[]);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&file.0).unwrap();
+        f.set_len(1024 * KIB).unwrap();
+        f.write_all_at(&[1; 64 * 1024], 0).unwrap();
+        f.write_all_at(&[2; 64 * 1024], 512 * KIB).unwrap();
+        f.sync_all().unwrap();
+    }
+    let d = raw_device(file, false, CacheMode::Writeback);
+    let seek = |offset: u64, whence: i32| -> Result<u64, i32> {
+        let got = d.call(&lseek_req(9, offset, whence));
+        let error = i32::from_ne_bytes(got[4..8].try_into().unwrap());
+        if error != 0 {
+            assert_eq!(got.len(), 16);
+            return Err(-error);
+        }
+        assert_eq!(got.len(), 24);
+        Ok(u64_at(&got, 16))
+    };
+    let (data, hole) = (libc::SEEK_DATA, libc::SEEK_HOLE);
+    assert_eq!(seek(0, data), Ok(0));
+    assert_eq!(seek(0, hole), Ok(64 * KIB));
+    assert_eq!(seek(64 * KIB, data), Ok(512 * KIB));
+    assert_eq!(seek(100 * KIB, data), Ok(512 * KIB));
+    assert_eq!(seek(100 * KIB, hole), Ok(100 * KIB));
+    assert_eq!(seek(512 * KIB, hole), Ok(576 * KIB));
+    assert_eq!(seek(600 * KIB, hole), Ok(600 * KIB));
+    assert_eq!(seek(576 * KIB, data), Err(libc::ENXIO), "no data after the last extent");
+    assert_eq!(seek(1024 * KIB, data), Err(libc::ENXIO));
+    assert_eq!(seek(1024 * KIB, hole), Err(libc::ENXIO));
+    assert_eq!(seek(0, libc::SEEK_END), Err(libc::EINVAL));
+    d.close();
+}
+
+#[test]
+fn raw_punch_hole_deallocates_and_zero_range_zeroes() {
+    let image = pattern(1024 * 1024);
+    let d = raw_device(TempImage::new(&image), false, CacheMode::Writeback);
+    let mut want = image.clone();
+    let before = d.blocks();
+    assert!(before >= 2048, "a fully written 1 MiB file has 2048 blocks, not {before}");
+
+    // PUNCH_HOLE without KEEP_SIZE is refused; with it, the range reads as zeros, is
+    // deallocated, and the size stays.
+    assert_eq!(d.call(&fallocate_req(1, 256 * KIB, 256 * KIB, 0x02)), error_reply(EINVAL, 1));
+    assert_eq!(d.call(&fallocate_req(2, 256 * KIB, 256 * KIB, 0x03)), reply(0, 2, &[]));
+    want[256 * 1024..512 * 1024].fill(0);
+    assert_eq!(d.on_disk(), want);
+    let after = d.blocks();
+    assert!(after + 512 <= before, "punching 256 KiB must free 512 blocks: {before} -> {after}");
+    assert_eq!(d.size(), 1024 * KIB);
+    let got = d.call(&lseek_req(3, 0, libc::SEEK_HOLE));
+    assert_eq!(got, reply(0, 3, &(256 * KIB).to_ne_bytes()));
+
+    // ZERO_RANGE inside the image.
+    assert_eq!(d.call(&fallocate_req(4, 600 * KIB + 5, 1000, 0x10)), reply(0, 4, &[]));
+    want[600 * 1024 + 5..600 * 1024 + 1005].fill(0);
+    assert_eq!(d.on_disk(), want);
+    // ZERO_RANGE across EOF without KEEP_SIZE grows the file; with KEEP_SIZE it does not.
+    assert_eq!(d.call(&fallocate_req(5, 1024 * KIB - 10, 100, 0x11)), reply(0, 5, &[]));
+    want[1024 * 1024 - 10..].fill(0);
+    assert_eq!(d.on_disk(), want);
+    assert_eq!(d.call(&fallocate_req(6, 1024 * KIB - 10, 100, 0x10)), reply(0, 6, &[]));
+    want.resize(1024 * 1024 + 90, 0);
+    assert_eq!(d.on_disk(), want);
+
+    // Mode 0 at EOF grows with allocated blocks (not a multiple of 128 KiB).
+    let blocks = d.blocks();
+    let len = want.len() as u64;
+    assert_eq!(d.call(&fallocate_req(7, len, 300 * KIB + 7, 0)), reply(0, 7, &[]));
+    assert_eq!(d.size(), len + 300 * KIB + 7);
+    assert!(d.blocks() >= blocks + 600, "preallocation must allocate");
+    want.resize(want.len() + 300 * 1024 + 7, 0);
+    assert_eq!(d.on_disk(), want);
+    // ... and a read across the new EOF is short.
+    let tail = d.call(&read_req(8, want.len() as u64 - 3, 100));
+    assert_eq!(tail, reply(0, 8, &[0, 0, 0]));
+    d.close();
+}
+
+#[test]
+fn raw_o_direct_unaligned_requests_are_bounced() {
+    // 10000 bytes: not a multiple of any O_DIRECT alignment.
+    let image = pattern(10_000);
+    let d = raw_device(TempImage::new(&image), false, CacheMode::None);
+    let mut want = image.clone();
+    for (offset, size) in [(0u64, 4096u32), (1, 333), (4095, 2), (4000, 5000), (9990, 100)] {
+        let end = (offset as usize + size as usize).min(want.len());
+        let got = d.call(&read_req(1, offset, size));
+        assert_eq!(got, reply(0, 1, &want[offset as usize..end]), "read {offset}+{size}");
+    }
+    // A write across a block boundary, one inside a block, one straddling EOF.
+    assert_eq!(d.call(&write_req(2, 4093, b"abcdefg")), reply(0, 2, &write_out(7)));
+    want[4093..4100].copy_from_slice(b"abcdefg");
+    assert_eq!(d.call(&write_req(3, 17, b"xyz")), reply(0, 3, &write_out(3)));
+    want[17..20].copy_from_slice(b"xyz");
+    assert_eq!(d.call(&write_req(4, 9998, &[9; 10])), reply(0, 4, &write_out(2)));
+    want[9998..].fill(9);
+    assert_eq!(d.on_disk(), want, "the file holds exactly what was written, and stays 10000 bytes");
+    assert_eq!(d.call(&read_req(5, 4090, 20)), reply(0, 5, &want[4090..4110]));
+    d.close();
+
+    // Growable: a write past EOF grows the file to exactly its end.
+    let d = raw_device(TempImage::new(&image), true, CacheMode::None);
+    assert_eq!(d.call(&write_req(6, 10_005, b"tail!!!")), reply(0, 6, &write_out(7)));
+    let mut want = image.clone();
+    want.extend_from_slice(&[0; 5]);
+    want.extend_from_slice(b"tail!!!");
+    assert_eq!(d.on_disk(), want);
+    assert_eq!(d.size(), 10_012);
+    d.close();
+}
+
+#[test]
+fn raw_growable_write_and_truncate() {
+    let image = pattern(100_000);
+    let d = raw_device(TempImage::new(&image), true, CacheMode::Writeback);
+    assert_eq!(d.call(&write_req(1, 200_000, &[5; 1000])), reply(0, 1, &write_out(1000)));
+    let mut want = image.clone();
+    want.resize(200_000, 0);
+    want.extend_from_slice(&[5; 1000]);
+    assert_eq!(d.on_disk(), want);
+    // SETATTR size shrinks the file and the reply carries the new size.
+    let got = d.call(&truncate_req(2, 5000));
+    assert_eq!((got.len(), u64_at(&got, 16 + 24)), (120, 5000));
+    assert_eq!(d.on_disk(), image[..5000].to_vec());
+    assert_eq!(d.call(&read_req(3, 4990, 100)), reply(0, 3, &image[4990..5000]));
+    d.close();
+}
+
+// ---------------------------------------------------------------------------------------------
+// A random request stream through the whole queue
+
+/// xorshift64.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[test]
+fn a_random_request_stream_is_always_answered_with_sound_replies() {
+    let opts = ExportOptions { growable: true, allow_other: true, ..writable() };
+    let q = Queue::start(memory_export(opts), &[]);
+    let mut rng = Rng(0x5eed_0fb1_0cf0_0d00);
+    let opcodes = [1, 2, 3, 4, 9, 14, 15, 16, 17, 18, 20, 25, 36, 42, 43, 46, 9999];
+    for i in 0..5_000u64 {
+        let op = opcodes[rng.below(opcodes.len() as u64) as usize];
+        let unique = 1_000_000 + i;
+        // Offsets and sizes stay around the image so the memory backend stays small.
+        let mut body = Vec::new();
+        for _ in 0..rng.below(12) {
+            let v = match rng.below(3) {
+                0 => rng.below(512 * KIB),
+                1 => rng.below(1 << 16) << 32 | rng.below(512 * KIB),
+                _ => rng.below(256),
+            };
+            body.extend_from_slice(&v.to_ne_bytes());
+        }
+        if op == FUSE_WRITE && body.len() >= 40 {
+            let size = rng.below(5000) as u32;
+            body.truncate(40);
+            body[8..16].copy_from_slice(&rng.below(512 * KIB).to_ne_bytes());
+            body[16..20].copy_from_slice(&size.to_ne_bytes());
+            body.extend((0..size).map(|b| b as u8));
+        }
+        if op == FUSE_SETATTR && body.len() >= 24 {
+            body[16..24].copy_from_slice(&rng.below(512 * KIB).to_ne_bytes());
+        }
+        q.send(&request(op, unique, &body));
+        if op == FUSE_FORGET || op == FUSE_BATCH_FORGET {
+            continue;
+        }
+        let got = q.recv();
+        assert!(got.len() >= 16, "reply too short: {got:?}");
+        let len = u32::from_ne_bytes(got[..4].try_into().unwrap()) as usize;
+        let error = i32::from_ne_bytes(got[4..8].try_into().unwrap());
+        assert_eq!(len, got.len(), "out header len disagrees with the reply's size");
+        assert_eq!(u64_at(&got, 8), unique, "reply to the wrong request");
+        assert!((-4095..=0).contains(&error), "error {error}");
+        if error != 0 {
+            assert_eq!(len, 16, "an error reply carries no body");
+        }
+        assert!(q.memory().len() < 4 << 20, "the image grew out of bounds");
+    }
+    assert!(q.stops.try_recv().is_err(), "well-framed requests never halt");
+    // The queue still serves, and a badly framed request still halts it.
+    assert_eq!(u64_at(&q.call(&getattr_req(1)), 8), 1);
+    q.send(&with_len(FUSE_READ, 2, &[0; 40], 81));
+    assert!(matches!(q.stop_cause(), StopCause::Halt(_)));
+    q.returned().unwrap();
 }
