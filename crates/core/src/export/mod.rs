@@ -262,6 +262,10 @@ impl Export {
         if !self.opts.writable {
             return Outcome::Error(libc::EACCES);
         }
+        // Writing nothing has no effect (write(2)); in particular it must not grow the image.
+        if size == 0 {
+            return Outcome::Small(encode::write_out(small, 0));
+        }
         let Some(end) = offset.checked_add(size as u64) else {
             return Outcome::Error(libc::EINVAL);
         };
@@ -309,6 +313,10 @@ impl Export {
     async fn fallocate_inner(&self, offset: u64, length: u64, mode: u32) -> Result<(), i32> {
         if !self.opts.writable {
             return Err(libc::EACCES);
+        }
+        // As fallocate(2); an empty range past EOF would otherwise grow the image to `offset`.
+        if length == 0 {
+            return Err(libc::EINVAL);
         }
         let end = offset.checked_add(length).ok_or(libc::EINVAL)?;
         let io = |e: std::io::Error| errno_of(&e);

@@ -676,6 +676,19 @@ fn write_larger_than_the_data_buffer_is_einval() {
 }
 
 #[test]
+fn zero_length_write_changes_nothing() {
+    // write(2) of zero bytes has no effect; in particular it does not extend the file.
+    let e = export(growable());
+    // (Offsets stay small: the memory backend would really allocate a huge growth.)
+    for offset in [0, IMAGE_LEN as u64, IMAGE_LEN as u64 + 1, 1 << 20] {
+        assert_eq!(write(&e, offset, &[]).written(), 0, "offset {offset}");
+        assert_eq!(mem(&e).len(), IMAGE_LEN as u64, "offset {offset}");
+    }
+    assert!(mem(&e).snapshot() == pattern(IMAGE_LEN));
+    assert_eq!(write(&export(opts()), 0, &[]).outcome, Outcome::Error(libc::EACCES));
+}
+
+#[test]
 fn writethrough_flushes_every_write() {
     let e = export(ExportOptions { writethrough: true, ..writable() });
     for i in 1..=3u64 {
@@ -781,6 +794,20 @@ fn fallocate_other_modes_are_unsupported() {
         assert_eq!(fallocate(&e, 0, 10, mode), Outcome::Error(libc::EOPNOTSUPP), "{mode:#x}");
     }
     assert_eq!(mem(&e).snapshot(), pattern(IMAGE_LEN));
+}
+
+#[test]
+fn fallocate_of_zero_bytes_is_einval() {
+    // As fallocate(2): a zero length is invalid, and must not grow the image to `offset`.
+    let e = export(growable());
+    for mode in [0, PUNCH | KEEP, ZERO, ZERO | KEEP] {
+        for offset in [0, IMAGE_LEN as u64, 1 << 20] {
+            let got = fallocate(&e, offset, 0, mode);
+            assert_eq!(got, Outcome::Error(libc::EINVAL), "mode {mode:#x} offset {offset}");
+            assert_eq!(mem(&e).len(), IMAGE_LEN as u64, "mode {mode:#x} offset {offset}");
+        }
+    }
+    assert!(mem(&e).snapshot() == pattern(IMAGE_LEN));
 }
 
 #[test]
