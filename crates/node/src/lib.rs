@@ -13,6 +13,32 @@ use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi_derive::napi;
 
+/// Core log records at warning level and above go to stderr, prefixed `blockfuse:`.
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, meta: &log::Metadata<'_>) -> bool {
+        meta.level() <= log::Level::Warn
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            eprintln!("blockfuse: {}: {}", record.level().as_str().to_lowercase(), record.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn init_logging() {
+    static LOGGER: StderrLogger = StderrLogger;
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Fails only if the host already set a logger, which then gets our records.
+        if log::set_logger(&LOGGER).is_ok() {
+            log::set_max_level(log::LevelFilter::Warn);
+        }
+    });
+}
+
 fn js_error(code: &str, message: impl std::fmt::Display) -> Error {
     Error::new(Status::GenericFailure, format!("{code}: {message}"))
 }
@@ -150,6 +176,8 @@ pub struct NativeStats {
     pub errors: f64,
     /// Requests being served right now, one entry per queue.
     pub in_flight: Vec<u32>,
+    /// Replies that could not be sent to the kernel (logged; should stay 0).
+    pub lost_replies: f64,
 }
 
 /// A mounted export. Private: the public API is ts/index.ts.
@@ -180,6 +208,7 @@ impl NativeExport {
         #[napi(ts_arg_type = "(err: Error | null, event: NativeEvent) => void")]
         on_event: EventCallback,
     ) -> AsyncTask<MountTask> {
+        init_logging();
         AsyncTask::new(MountTask { config: Some(config), on_event: Some(Arc::new(on_event)) })
     }
 
@@ -192,6 +221,7 @@ impl NativeExport {
         #[napi(ts_arg_type = "(err: Error | null, event: NativeEvent) => void")]
         on_event: EventCallback,
     ) -> Result<NativeExport> {
+        init_logging();
         let callback = Some(Arc::new(on_event));
         no_panic("startFakeDevice", move || {
             let cfg = to_core(config)?;
@@ -226,6 +256,7 @@ impl NativeExport {
             bytes_written: 0.0,
             errors: 0.0,
             in_flight: Vec::new(),
+            lost_replies: 0.0,
         };
         if let Some(session) = guard.as_ref() {
             let st = &session.export().stats;
@@ -239,6 +270,7 @@ impl NativeExport {
             out.bytes_read = st.bytes_read.load(Relaxed) as f64;
             out.bytes_written = st.bytes_written.load(Relaxed) as f64;
             out.errors = st.errors.load(Relaxed) as f64;
+            out.lost_replies = st.lost_replies.load(Relaxed) as f64;
             out.in_flight = session.in_flight().into_iter().map(|n| n as u32).collect();
         }
         out

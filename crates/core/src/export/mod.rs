@@ -58,6 +58,8 @@ pub struct Stats {
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
     pub errors: AtomicU64,
+    /// Replies that could not be sent (other than for interrupted requests).
+    pub lost_replies: AtomicU64,
 }
 
 impl Default for Stats {
@@ -67,6 +69,7 @@ impl Default for Stats {
             bytes_read: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            lost_replies: AtomicU64::new(0),
         }
     }
 }

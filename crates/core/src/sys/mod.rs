@@ -216,15 +216,17 @@ pub fn page_size() -> usize {
     }
 }
 
-/// Registers `fd` with the current tokio reactor for readability and errors (an aborted FUSE
-/// connection polls as EPOLLERR only).
+/// Registers `fd` with the current tokio reactor for readability, writability (a fake device's
+/// socket can be full) and errors (an aborted FUSE connection polls as EPOLLERR only).
 pub fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     // SAFETY: an OwnedFd is a valid open fd that returns the same number from as_raw_fd for its
     // whole life, and the AsyncFd owns it from here on.
     unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(
             fd,
-            tokio::io::Interest::READABLE | tokio::io::Interest::ERROR,
+            tokio::io::Interest::READABLE
+                | tokio::io::Interest::WRITABLE
+                | tokio::io::Interest::ERROR,
         )
     }
     .map_err(|e| e.into_parts().1)

@@ -179,6 +179,11 @@ async fn receive(intake: &Intake, shared: &Shared, buf: &mut RequestBuffer) -> O
         };
         match guard.try_io(|fd| sys::read(fd.get_ref().as_fd(), buf.receive_area())) {
             Err(_would_block) => continue,
+            // End of stream: only a fake device's peer can close; /dev/fuse says ENODEV.
+            Ok(Ok(0)) => {
+                shared.stop_by_itself(StopCause::Disconnected);
+                return None;
+            }
             Ok(Ok(n)) => return Some(n),
             Ok(Err(e)) => match e.raw_os_error() {
                 // Interrupted, or the request was aborted before we read it: try again.
@@ -227,12 +232,12 @@ async fn serve_one(
             return false;
         }
         Err(DecodeError::Malformed { header, errno }) => {
-            reply(afd, header.unique, Outcome::Error(errno), small, buf);
+            reply(afd, shared, header.unique, Outcome::Error(errno), small, buf).await;
             return true;
         }
     };
     let outcome = shared.export.handle(header.opcode, op, small, buf.data()).await;
-    reply(afd, header.unique, outcome, small, buf);
+    reply(afd, shared, header.unique, outcome, small, buf).await;
     true
 }
 
@@ -240,8 +245,9 @@ fn halt(shared: &Shared, reason: HaltReason) {
     shared.stop_by_itself(StopCause::Halt(reason.to_string()));
 }
 
-fn reply(
+async fn reply(
     afd: &AsyncFd<OwnedFd>,
+    shared: &Shared,
     unique: u64,
     outcome: Outcome,
     small: &[u8; MAX_SMALL_REPLY],
@@ -255,7 +261,22 @@ fn reply(
     };
     let mut header = [0u8; size::OUT_HEADER];
     out_header(&mut header, (size::OUT_HEADER + body.len()) as u32, error, unique);
-    // /dev/fuse takes a whole reply in one write and never blocks. ENOENT means the request was
-    // interrupted or aborted meanwhile; nobody waits for the answer any more.
-    let _ = sys::writev(afd.get_ref().as_fd(), &[IoSlice::new(&header), IoSlice::new(body)]);
+    loop {
+        match sys::writev(afd.get_ref().as_fd(), &[IoSlice::new(&header), IoSlice::new(body)]) {
+            Ok(_) => return,
+            // /dev/fuse never blocks, but a fake device (a socket) can be full: wait for room.
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => match afd.writable().await {
+                Ok(mut guard) => guard.clear_ready(),
+                Err(_) => break,
+            },
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            // The request was interrupted or aborted meanwhile: nobody waits for the answer.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return,
+            Err(e) => {
+                log::warn!("cannot send the reply to request {unique}: {e}");
+                break;
+            }
+        }
+    }
+    shared.export.stats.lost_replies.fetch_add(1, Ordering::Relaxed);
 }
