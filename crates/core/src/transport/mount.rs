@@ -1,11 +1,15 @@
 //! Mounting the export over a regular file: mount(2) when privileged, fusermount3 with the
-//! `_FUSE_COMMFD` fd-passing protocol otherwise; and the matching unmount.
+//! `_FUSE_COMMFD` fd-passing protocol otherwise; the matching unmount; and the unmount guard
+//! that removes the mount when this process dies without unmounting it.
 
 use std::fs::OpenOptions;
+use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::sys;
@@ -151,6 +155,132 @@ pub fn unmount(mountpoint: &Path, method: MountMethod) -> Result<()> {
     }
 }
 
+/// Removes the mount if this process dies without unmounting it (`kill -9`, abort, OOM kill).
+///
+/// A `/bin/sh` child (a new process image, so it holds none of our memory or fds) waits on a pipe
+/// whose write end only this process holds (`O_CLOEXEC`: no exec'd child inherits it). A line on
+/// the pipe means "we unmounted ourselves": the guard exits. End of file without a line means we
+/// are gone: if the topmost mount on the mountpoint is still ours (same device number in
+/// mountinfo, so a later export by someone else is never touched), the guard unmounts it lazily,
+/// with `umount` for a mount(2) mount and `fusermount3 -u -z` for a fusermount3 one.
+///
+/// Why not fusermount3's `auto_unmount`: it only works through fusermount3, and in fuse3 3.14 its
+/// watcher checks for a dead connection by opening the mountpoint as root, which a mount without
+/// `allow_other` refuses with EACCES (not ENOTCONN), so an unprivileged export is never cleaned
+/// up. A forked (not exec'd) guard would keep a copy-on-write image of the whole Node process.
+pub struct UnmountGuard {
+    disarm: Option<std::io::PipeWriter>,
+    child: Option<Child>,
+}
+
+/// The guard's program. Arguments: mountinfo's (escaped) mount point field, the mount's
+/// MAJ:MIN, how it was mounted (`syscall` | `fusermount`), the mountpoint path.
+const GUARD_SCRIPT: &str = r#"trap '' HUP INT TERM PIPE
+if read -r _; then exit 0; fi
+top=
+while read -r _ _ dev _ point _; do
+  if [ "$point" = "$1" ]; then top=$dev; fi
+done < /proc/self/mountinfo
+[ "$top" = "$2" ] || exit 0
+if [ "$3" = syscall ]; then exec umount -i -c -l -- "$4"; fi
+exec fusermount3 -u -z -- "$4"
+"#;
+
+impl UnmountGuard {
+    /// Starts the guard of the mount just made on `mountpoint`.
+    pub fn spawn(mountpoint: &Path, method: MountMethod) -> Result<UnmountGuard> {
+        let fail = |what: String| Error::Mount(format!("cannot start the unmount guard: {what}"));
+        // Mountinfo lists canonical paths. Only the parent is resolved: a stat of the mountpoint
+        // itself would be a FUSE request, and INIT may not be answered yet.
+        let mountpoint = canonical_parent(mountpoint).map_err(|e| fail(e.to_string()))?;
+        let mountpoint = mountpoint.as_path();
+        let info = std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| fail(format!("reading /proc/self/mountinfo: {e}")))?;
+        let (field, dev) = top_mount(&info, mountpoint)
+            .ok_or_else(|| fail(format!("{} is not in mountinfo", mountpoint.display())))?;
+        let (reader, writer) = std::io::pipe().map_err(|e| fail(format!("pipe: {e}")))?;
+        let how = match method {
+            MountMethod::Syscall => "syscall",
+            MountMethod::Fusermount => "fusermount",
+        };
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut search = std::ffi::OsString::from("/usr/sbin:/usr/bin:/sbin:/bin:");
+        search.push(path);
+        let child = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(GUARD_SCRIPT)
+            .arg("blockfuse-unmount-guard")
+            .arg(field)
+            .arg(dev)
+            .arg(how)
+            .arg(mountpoint)
+            .env("PATH", search)
+            .current_dir("/")
+            .stdin(Stdio::from(reader))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // Its own process group: a Ctrl-C meant for the exporting program must not end it.
+            .process_group(0)
+            .spawn()
+            .map_err(|e| fail(format!("cannot run /bin/sh: {e}")))?;
+        Ok(UnmountGuard { disarm: Some(writer), child: Some(child) })
+    }
+
+    /// We unmounted ourselves: the guard exits without looking at the mount table.
+    pub fn disarm(mut self) {
+        if let Some(mut w) = self.disarm.take() {
+            let _ = w.write_all(b"unmounted\n");
+        }
+    }
+}
+
+impl Drop for UnmountGuard {
+    /// Closes the pipe (after `disarm`, or as if we died: then the guard removes what is left of
+    /// our mount) and reaps the guard, waiting at most a few seconds on this thread.
+    fn drop(&mut self) {
+        drop(self.disarm.take());
+        let Some(mut child) = self.child.take() else { return };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            match child.try_wait() {
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        log::warn!("the unmount guard (pid {}) did not exit; not waiting for it", child.id());
+        // Reap it whenever it ends, so it does not stay a zombie.
+        let _ = std::thread::Builder::new().spawn(move || child.wait());
+    }
+}
+
+/// `path` with its directory resolved (symlinks, `..`, relative) and its last component kept.
+fn canonical_parent(path: &Path) -> std::io::Result<PathBuf> {
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "mountpoint has no file name")
+    })?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    Ok(std::fs::canonicalize(dir)?.join(name))
+}
+
+/// The mountinfo mount point field (escaped as mountinfo has it) and the MAJ:MIN of the topmost
+/// mount on `path`: later lines are mounted on top of earlier ones.
+fn top_mount<'a>(info: &'a str, path: &Path) -> Option<(&'a str, &'a str)> {
+    use std::os::unix::ffi::OsStrExt;
+    let want = path.as_os_str().as_bytes();
+    info.lines()
+        .rev()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let dev = fields.nth(2)?;
+            let point = fields.nth(1)?;
+            Some((point, dev))
+        })
+        .find(|(point, _)| unescape_mountinfo(point) == want)
+}
+
 /// Whether some mount sits exactly on `path` in this mount namespace (/proc/self/mountinfo).
 pub fn is_mounted(path: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
@@ -201,6 +331,16 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn the_topmost_mount_is_the_last_one_listed() {
+        let info = "36 35 0:50 / /mnt/a\\040b rw - fuse.blockfuse blockfuse rw\n\
+                    37 35 8:1 / /other rw - ext4 /dev/x rw\n\
+                    38 36 0:61 / /mnt/a\\040b rw - fuse.blockfuse blockfuse rw\n";
+        assert_eq!(top_mount(info, Path::new("/mnt/a b")), Some(("/mnt/a\\040b", "0:61")));
+        assert_eq!(top_mount(info, Path::new("/other")), Some(("/other", "8:1")));
+        assert_eq!(top_mount(info, Path::new("/mnt/a")), None);
+    }
 
     #[test]
     fn generic_options_follow_the_mount_flags() {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use super::mount::{self, MountMethod, MountOptions};
+use super::mount::{self, MountMethod, MountOptions, UnmountGuard};
 use super::queue::{run_queue_at, Shared, StopCause};
 use crate::backend::BlockBackend;
 use crate::error::{Error, Result};
@@ -41,6 +41,8 @@ pub struct Session {
     threads: Vec<JoinHandle<std::io::Result<()>>>,
     /// Where the export is mounted and how, until it is unmounted; None for a fake device.
     mount: Option<(PathBuf, MountMethod)>,
+    /// Removes the mount if this process dies without unmounting it.
+    guard: Option<UnmountGuard>,
     negotiated: Negotiated,
 }
 
@@ -61,6 +63,11 @@ impl Session {
             max_read: export.options().max_read,
         };
         let (fd, method) = mount::mount(&opts)?;
+        // Started before INIT, so that a crash at any point after the mount is covered. If it
+        // fails (no /bin/sh?), the export still works; only a crash would leave the mount.
+        let guard = UnmountGuard::spawn(&cfg.mountpoint, method)
+            .map_err(|e| log::warn!("{e}; a crash of this process would leave the mount behind"))
+            .ok();
         let unmount_on_error = |e: Error| {
             let _ = mount::unmount(&cfg.mountpoint, method);
             e
@@ -73,7 +80,10 @@ impl Session {
         for _ in 1..cfg.threads {
             fds.push(clone_fd(&fds[0]).map_err(unmount_on_error)?);
         }
-        Self::run(export, fds, Some((cfg.mountpoint, method)), negotiated, on_event)
+        let mut session =
+            Self::run(export, fds, Some((cfg.mountpoint, method)), negotiated, on_event)?;
+        session.guard = guard;
+        Ok(session)
     }
 
     /// Serves `export` on one queue over `fd`, a fake device (e.g. one end of a SOCK_SEQPACKET
@@ -101,8 +111,13 @@ impl Session {
         });
         let max_write = negotiated.max_write as usize;
         let shared = Arc::new(Shared::with_queues(export, max_write, fds.len(), on_stop));
-        let mut session =
-            Session { shared, threads: Vec::with_capacity(fds.len()), mount, negotiated };
+        let mut session = Session {
+            shared,
+            threads: Vec::with_capacity(fds.len()),
+            mount,
+            guard: None,
+            negotiated,
+        };
         for (i, fd) in fds.into_iter().enumerate() {
             let queue_shared = session.shared.clone();
             let spawned = std::thread::Builder::new()
@@ -143,6 +158,11 @@ impl Session {
             Some((mountpoint, method)) => mount::unmount(&mountpoint, method),
             None => Ok(()),
         };
+        if unmounted.is_ok() {
+            if let Some(guard) = self.guard.take() {
+                guard.disarm();
+            }
+        }
         self.shared.request_stop();
         let mut failure = None;
         for t in self.threads.drain(..) {
@@ -152,6 +172,8 @@ impl Session {
                 Err(_) => failure = Some("queue thread panicked".to_string()),
             }
         }
+        // If our unmount failed, the guard removes the (now served by nobody) mount.
+        drop(self.guard.take());
         let flushed = futures_lite_block_on(self.shared.export.backend().flush());
         unmounted?;
         if let Some(f) = failure {
