@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 
 use super::mount::{self, MountMethod, MountOptions, UnmountGuard};
 use super::queue::{run_queue_at, Shared, StopCause};
-use crate::backend::BlockBackend;
+use crate::backend::{Backend, BlockBackend};
 use crate::error::{Error, Result};
 use crate::export::{negotiate_init, Export, InitLimits, Negotiated};
 use crate::protocol::abi::{opcode, size, KERNEL_MINOR_VERSION};
@@ -174,7 +174,7 @@ impl Session {
         }
         // If our unmount failed, the guard removes the (now served by nobody) mount.
         drop(self.guard.take());
-        let flushed = futures_lite_block_on(self.shared.export.backend().flush());
+        let flushed = flush_now(self.shared.export.backend());
         unmounted?;
         if let Some(f) = failure {
             return Err(Error::Internal(f));
@@ -189,12 +189,9 @@ impl Drop for Session {
     }
 }
 
-/// Runs one future to completion on a throwaway current-thread runtime (close path only).
-fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
-    match tokio::runtime::Builder::new_current_thread().build() {
-        Ok(rt) => rt.block_on(f),
-        Err(e) => panic!("cannot build a runtime to flush: {e}"),
-    }
+/// Flushes the backend from the closing thread, on a throwaway current-thread runtime.
+fn flush_now(backend: &Backend) -> std::io::Result<()> {
+    tokio::runtime::Builder::new_current_thread().build()?.block_on(backend.flush())
 }
 
 fn clone_fd(session: &OwnedFd) -> Result<OwnedFd> {
