@@ -1,7 +1,7 @@
 /** The CLI's argument parsing, as pure unit tests (no process is spawned here). */
 import test from 'ava'
 
-import { parseCliArgs, parseSource, UsageError } from '../ts/cli-args.js'
+import { EXPORT_USAGE, parseCliArgs, parseSource, UsageError } from '../ts/cli-args.js'
 
 test('help and version', (t) => {
   t.deepEqual(parseCliArgs(['--help']), { kind: 'help', topic: 'main' })
@@ -18,6 +18,7 @@ test('a minimal export uses the API defaults', (t) => {
     kind: 'export',
     options: { source: 'img.raw', mountpoint: 'mnt' },
     json: false,
+    stats: false,
   })
 })
 
@@ -38,6 +39,7 @@ test('every export option maps to the API option', (t) => {
     '--on-halt',
     'keep',
     '--json',
+    '--stats',
     'img.raw',
     'mnt',
   ])
@@ -56,10 +58,27 @@ test('every export option maps to the API option', (t) => {
       onHalt: 'keep',
     },
     json: true,
+    stats: true,
   })
   t.like(parseCliArgs(['export', '--threads=2', '--allow-other=auto', 'a', 'b']), {
     options: { threads: 2, allowOther: 'auto' },
   })
+})
+
+test('--stats is a flag of its own, with or without --json, in any position', (t) => {
+  t.like(parseCliArgs(['export', '--stats', 'a', 'b']), { kind: 'export', json: false, stats: true })
+  t.like(parseCliArgs(['export', 'a', 'b', '--stats', '--json']), { kind: 'export', json: true, stats: true })
+  t.like(parseCliArgs(['export', '--json', 'a', 'b']), { kind: 'export', json: true, stats: false })
+  t.deepEqual(
+    (parseCliArgs(['export', '--stats', 'a', 'b']) as { options: unknown }).options,
+    { source: 'a', mountpoint: 'b' },
+    '--stats is no export option',
+  )
+})
+
+test('the export usage documents --stats', (t) => {
+  t.regex(EXPORT_USAGE, /^ {2}--stats {2,}\S/m)
+  t.regex(EXPORT_USAGE, /"event":"stats"/)
 })
 
 test('null:<size> is a null backend; other sources are paths', (t) => {
@@ -95,6 +114,7 @@ const usageErrors: Array<[string, string[], RegExp]> = [
   ['a bad --format', ['export', '--format', 'qcow2', 'a', 'b'], /--format must be one of raw, null, got "qcow2"/],
   ['a bad --cache', ['export', '--cache', 'direct', 'a', 'b'], /--cache must be one of writeback, none/],
   ['a bad --on-halt', ['export', '--on-halt', 'stop', 'a', 'b'], /--on-halt must be one of unmount, keep/],
+  ['--stats given a value', ['export', '--stats=1', 'a', 'b'], /--stats/],
 ]
 
 for (const [what, argv, message] of usageErrors) {

@@ -58,6 +58,7 @@ test('export --help prints the export usage and exits 0', async (t) => {
     '--writethrough',
     '--on-halt',
     '--json',
+    '--stats',
   ]) {
     t.true(r.stdout.includes(flag), `usage mentions ${flag}`)
   }
@@ -213,12 +214,13 @@ test('a second export on a mountpoint another process exports is refused (MOUNTP
   t.false(await isMounted(f.mountpoint))
 })
 
-test('a stale mount left by a killed export is refused with a hint, not stat()ed', async (t) => {
+test('a mount whose server does not answer (a stopped export) is refused with a hint, not stat()ed', async (t) => {
   const f = await imageFixture(t, MiB)
   const first = startExport(t, [f.image, f.mountpoint])
   await first.waitForLine(/^ready/)
-  // SIGKILL gives the CLI no chance to unmount: the kernel keeps a mount whose server is gone.
-  await first.stop('SIGKILL')
+  // A stopped server answers nothing: a stat() of its mountpoint would hang until SIGCONT.
+  first.child.kill('SIGSTOP')
+  t.teardown(() => first.child.kill('SIGCONT'))
   t.true(await isMounted(f.mountpoint))
   const second = await runCli(['export', f.image, f.mountpoint])
   t.is(second.code, 1)
@@ -226,8 +228,27 @@ test('a stale mount left by a killed export is refused with a hint, not stat()ed
     second.stderr,
     /already has a filesystem \(fuse[^)]*\) mounted on it.*`fusermount3 -u .*\/mnt`.*\(MOUNTPOINT_IN_USE\)/,
   )
-  await mustRun('fusermount3', ['-u', f.mountpoint])
+  first.child.kill('SIGCONT')
+  t.is((await first.stop('SIGTERM')).code, 0, first.stderr)
   t.false(await isMounted(f.mountpoint))
+})
+
+test('an export killed with SIGKILL does not leave its mount behind (the unmount guard removes it)', async (t) => {
+  const f = await imageFixture(t, MiB)
+  const first = startExport(t, [f.image, f.mountpoint])
+  await first.waitForLine(/^ready/)
+  t.true(await isMounted(f.mountpoint))
+  // SIGKILL gives the CLI no chance to unmount itself.
+  await first.stop('SIGKILL')
+  const deadline = Date.now() + 10_000
+  while ((await isMounted(f.mountpoint)) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50))
+  t.false(await isMounted(f.mountpoint), 'still mounted 10 s after the export was killed')
+  t.is((await stat(f.mountpoint)).size, 0, 'the mountpoint is the plain file again')
+  // And it can be exported again at once.
+  const second = startExport(t, [f.image, f.mountpoint])
+  await second.waitForLine(/^ready/)
+  await mustRun('cmp', [f.image, f.mountpoint])
+  t.is((await second.stop('SIGTERM')).code, 0, second.stderr)
 })
 
 test('SIGHUP (a closed terminal) also drains, unmounts and exits 0', async (t) => {

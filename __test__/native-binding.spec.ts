@@ -7,7 +7,14 @@ import { createRequire } from 'node:module'
 import test from 'ava'
 
 import { BlockfuseError } from '../ts/errors.js'
-import { nativeVersion, toBlockfuseError } from '../ts/native.js'
+import {
+  nativeStartFakeDevice,
+  nativeVersion,
+  toBlockfuseError,
+  type NativeExport,
+  type NativeExportStatic,
+  type NativeStats,
+} from '../ts/native.js'
 
 test('a native "CODE: message" error becomes code and message', (t) => {
   const native = new Error('MOUNT_FAILED: mount(2) on /x failed: Permission denied (os error 13)')
@@ -53,11 +60,70 @@ test('the binding loads and reports its version', (t) => {
   t.regex(nativeVersion(), /^\d+\.\d+\.\d+/)
 })
 
+/**
+ * Every member of ts/native.ts's binding types, by kind. Typed against those interfaces, so a
+ * member added there (or renamed) fails to compile until it is listed here, and the test below then
+ * checks it against the built binding.
+ */
+const STATIC_MEMBERS: Record<keyof NativeExportStatic, 'function'> = { mount: 'function', startFakeDevice: 'function' }
+const INSTANCE_MEMBERS: Record<keyof NativeExport, 'method' | 'getter'> = {
+  close: 'method',
+  stats: 'method',
+  size: 'getter',
+  fakeDevicePeerFd: 'getter',
+}
+const STATS_KEYS: Record<keyof NativeStats, 'object' | 'number'> = {
+  requests: 'object',
+  bytesRead: 'number',
+  bytesWritten: 'number',
+  errors: 'number',
+  inFlight: 'object',
+  lostReplies: 'number',
+}
+
 test('the built binding has the shape ts/native.ts declares', (t) => {
   const binding = createRequire(import.meta.url)('../native/binding.cjs') as Record<string, unknown>
-  const NativeExport = binding.NativeExport as { mount?: unknown; prototype?: object } | undefined
-  t.is(typeof NativeExport?.mount, 'function', 'NativeExport.mount')
-  t.is(typeof Object.getOwnPropertyDescriptor(NativeExport?.prototype ?? {}, 'close')?.value, 'function', 'close()')
-  t.is(typeof Object.getOwnPropertyDescriptor(NativeExport?.prototype ?? {}, 'size')?.get, 'function', 'get size')
+  const NativeExport = binding.NativeExport as (Record<string, unknown> & { prototype?: object }) | undefined
+  for (const [name, kind] of Object.entries(STATIC_MEMBERS)) {
+    t.is(typeof NativeExport?.[name], kind, `NativeExport.${name}`)
+  }
+  for (const [name, kind] of Object.entries(INSTANCE_MEMBERS)) {
+    const descriptor = Object.getOwnPropertyDescriptor(NativeExport?.prototype ?? {}, name)
+    if (kind === 'method') t.is(typeof descriptor?.value, 'function', `${name}()`)
+    else t.is(typeof descriptor?.get, 'function', `get ${name}`)
+  }
   t.is(typeof binding.version, 'function', 'version()')
+})
+
+test('a native export reports stats of the declared shape; a fake device has a peer fd, and counters are zero once closed', async (t) => {
+  const exp = nativeStartFakeDevice(
+    {
+      format: 'null',
+      nullSize: 1 << 20,
+      mountpoint: '/nonexistent',
+      writable: false,
+      growable: false,
+      allowOther: false,
+      threads: 1,
+      cache: 'writeback',
+      writethrough: false,
+    },
+    () => {},
+  )
+  t.is(typeof exp.fakeDevicePeerFd, 'number')
+  const stats = exp.stats()
+  t.deepEqual(Object.keys(stats).sort(), Object.keys(STATS_KEYS).sort())
+  for (const [key, type] of Object.entries(STATS_KEYS)) t.is(typeof stats[key as keyof NativeStats], type, key)
+  t.true(Array.isArray(stats.inFlight))
+  t.deepEqual(stats.inFlight, [0])
+  t.is(exp.size, 1 << 20)
+  await exp.close()
+  t.deepEqual(exp.stats(), {
+    requests: {},
+    bytesRead: 0,
+    bytesWritten: 0,
+    errors: 0,
+    inFlight: [],
+    lostReplies: 0,
+  })
 })

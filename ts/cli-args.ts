@@ -28,7 +28,14 @@ export type HelpTopic = 'main' | 'export'
 export type CliCommand =
   | { kind: 'help'; topic: HelpTopic }
   | { kind: 'version' }
-  | { kind: 'export'; options: FuseExportOptions; json: boolean }
+  | {
+      kind: 'export'
+      options: FuseExportOptions
+      /** Print one JSON object per line instead of text. */
+      json: boolean
+      /** Report the export's counters once a second while it runs. */
+      stats: boolean
+    }
 
 export const MAIN_USAGE = `Usage: blockfuse <command> [options]
 
@@ -60,6 +67,11 @@ Options:
   --writethrough                 flush after every write before acknowledging it
   --on-halt unmount|keep         on a fatal protocol error: unmount (default) or keep
   --json                         print one JSON object per line instead of text
+  --stats                        report counters once a second while running: with
+                                 --json a {"event":"stats",...} line on stdout
+                                 (requests by op, bytesRead, bytesWritten, errors,
+                                 inFlight per queue, lostReplies), else a line
+                                 on stderr
   -h, --help                     show this help
 `
 
@@ -73,6 +85,7 @@ const EXPORT_OPTIONS = {
   writethrough: { type: 'boolean' },
   'on-halt': { type: 'string' },
   json: { type: 'boolean' },
+  stats: { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },
 } as const
 
@@ -125,7 +138,7 @@ function parseExport(args: string[]): CliCommand {
     }
     options.threads = Number(values.threads)
   }
-  return { kind: 'export', options, json: values.json ?? false }
+  return { kind: 'export', options, json: values.json ?? false, stats: values.stats ?? false }
 }
 
 /** Parses the arguments after `node cli.js` (i.e. `process.argv.slice(2)`). Throws {@link UsageError}. */

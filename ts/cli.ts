@@ -8,7 +8,8 @@
 import { readFileSync } from 'node:fs'
 
 import { EXPORT_USAGE, MAIN_USAGE, parseCliArgs, UsageError, type HelpTopic } from './cli-args.js'
-import { FuseExport } from './index.js'
+import { statsEvent, statsLine } from './cli-stats.js'
+import { FuseExport, type ExportStats } from './index.js'
 import { toBlockfuseError } from './native.js'
 
 function packageVersion(): string {
@@ -38,6 +39,26 @@ function readyLine(exp: FuseExport): string {
     `ready: ${describeSource(exp)} exported at ${exp.mountpoint} ` +
     `(${format}, ${exp.size} bytes, ${mode}, ${threads} ${threads === 1 ? 'thread' : 'threads'})`
   )
+}
+
+const STATS_INTERVAL_MS = 1000
+
+/** Reports `exp`'s counters once a second until it closes (`--stats`). */
+function reportStats(exp: FuseExport, json: boolean): void {
+  let previous: ExportStats | undefined
+  let previousAt = Date.now()
+  const timer = setInterval(() => {
+    if (exp.closed) return
+    const stats = exp.stats()
+    const now = Date.now()
+    if (json) process.stdout.write(`${JSON.stringify(statsEvent(stats))}\n`)
+    else process.stderr.write(`blockfuse: ${statsLine(stats, previous, (now - previousAt) / 1000)}\n`)
+    previous = stats
+    previousAt = now
+  }, STATS_INTERVAL_MS)
+  // The export keeps the process alive while it is open; the reporter must not keep it after.
+  timer.unref()
+  exp.once('close', () => clearInterval(timer))
 }
 
 async function runExport(command: Extract<ReturnType<typeof parseCliArgs>, { kind: 'export' }>): Promise<never> {
@@ -85,6 +106,7 @@ async function runExport(command: Extract<ReturnType<typeof parseCliArgs>, { kin
     allowOther: exp.allowOther,
     threads: exp.options.threads,
   })
+  if (command.stats) reportStats(exp, json)
   if (stopRequested) exp.close().catch(fail)
 
   await closed

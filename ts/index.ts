@@ -11,6 +11,7 @@
 import { EventEmitter } from 'node:events'
 
 import { BlockfuseError } from './errors.js'
+import { internals, type StartNative } from './internal.js'
 import { nativeClose, nativeMount, toBlockfuseError, type NativeEvent, type NativeExport } from './native.js'
 import { resolveOptions, type FuseExportOptions, type ResolvedFuseExportOptions } from './options.js'
 import { claim, release } from './registry.js'
@@ -41,6 +42,39 @@ export interface FuseExportEvents {
   error: [err: BlockfuseError]
 }
 
+/** Counters of an export, from {@link FuseExport.stats}. */
+export interface ExportStats {
+  /**
+   * Requests served since the export started, by FUSE opcode name (`READ`, `WRITE`, `GETATTR`,
+   * `SETATTR`, `FLUSH`, ...). Only opcodes seen at least once are present.
+   */
+  requests: Record<string, number>
+  /** Bytes returned to READ requests. */
+  bytesRead: number
+  /** Bytes accepted from WRITE requests. */
+  bytesWritten: number
+  /** Requests answered with an error (e.g. `EPERM` for a refused chmod, `ENOSYS` for an unknown op). */
+  errors: number
+  /** Requests being served right now, one entry per queue (`threads` entries). */
+  inFlight: number[]
+  /**
+   * Replies that could not be written to the kernel (each is also logged to stderr). Should stay 0;
+   * anything else means a client waited for an answer that never came.
+   */
+  lostReplies: number
+}
+
+function copyStats(stats: ExportStats): ExportStats {
+  return {
+    requests: { ...stats.requests },
+    bytesRead: stats.bytesRead,
+    bytesWritten: stats.bytesWritten,
+    errors: stats.errors,
+    inFlight: [...stats.inFlight],
+    lostReplies: stats.lostReplies,
+  }
+}
+
 /**
  * One mounted export. Create it with {@link FuseExport.create}; close it with {@link FuseExport.close}
  * or `await using`. While it is open it keeps the Node.js event loop alive, like a listening server.
@@ -58,6 +92,8 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
   #closed = false
   #haltReason: string | undefined
   #lastSize = 0
+  /** Taken when closing begins; from then on {@link FuseExport.stats} returns it. */
+  #finalStats: ExportStats | undefined
   #keepAlive: NodeJS.Timeout | undefined
 
   private constructor(options: ResolvedFuseExportOptions, native: NativeExport, allowOther: boolean) {
@@ -77,6 +113,15 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
    * why (`INVALID_OPTION`, `SOURCE_NOT_FOUND`, `MOUNTPOINT_IN_USE`, `MOUNT_FAILED`, ...).
    */
   static async create(options: FuseExportOptions): Promise<FuseExport> {
+    return FuseExport.#open(options, nativeMount)
+  }
+
+  static {
+    internals.open = (options, start) => FuseExport.#open(options, start)
+  }
+
+  /** {@link FuseExport.create}, with the native side started by `start` (a mount, or a test's fake device). */
+  static async #open(options: FuseExportOptions, start: StartNative): Promise<FuseExport> {
     const resolved = await resolveOptions(options)
     const { mountpoint } = resolved
     if (!claim(mountpoint)) {
@@ -104,11 +149,11 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
       let allowOther = resolved.allowOther !== 'off'
       let native: NativeExport
       try {
-        native = await nativeMount({ ...base, allowOther }, onEvent)
+        native = await start({ ...base, allowOther }, onEvent)
       } catch (err) {
         if (resolved.allowOther !== 'auto' || (err as BlockfuseError).code !== 'MOUNT_FAILED') throw err
         allowOther = false
-        native = await nativeMount({ ...base, allowOther }, onEvent)
+        native = await start({ ...base, allowOther }, onEvent)
       }
       instance = new FuseExport(resolved, native, allowOther)
       instance.#lastSize = instance.size
@@ -133,6 +178,18 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
     return this.#lastSize
   }
 
+  /**
+   * Counters since the export started: requests by FUSE opcode, bytes read and written, errors,
+   * and requests in flight per queue. Cheap (relaxed atomic loads); poll it as often as you like.
+   * Once `close()` has been called it returns the counters taken just before closing began, so
+   * requests that finish while close() drains are not in them, and `inFlight` is what was in
+   * flight at that moment.
+   */
+  stats(): ExportStats {
+    if (this.#finalStats) return copyStats(this.#finalStats)
+    return copyStats(this.#native.stats())
+  }
+
   /** True once the export is unmounted. */
   get closed(): boolean {
     return this.#closed
@@ -155,6 +212,8 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
 
   async #doClose(): Promise<void> {
     this.#lastSize = this.size
+    // The native counters read zero once its session is closed; keep the last ones.
+    this.#finalStats ??= this.stats()
     try {
       await nativeClose(this.#native)
     } catch (err) {

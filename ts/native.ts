@@ -29,14 +29,35 @@ export interface NativeEvent {
   reason: string
 }
 
+/** Counters of a native export since it started; all zero once it is closed. */
+export interface NativeStats {
+  /** Requests served, by FUSE opcode name (`READ`, `WRITE`, `GETATTR`, ...); only nonzero entries. */
+  requests: Record<string, number>
+  bytesRead: number
+  bytesWritten: number
+  /** Requests answered with an error. */
+  errors: number
+  /** Requests being served right now, one entry per queue. */
+  inFlight: number[]
+  /** Replies that could not be sent to the kernel (logged; should stay 0). */
+  lostReplies: number
+}
+
+/** Receives the native core's events; `err` is set if the event could not be converted. */
+export type NativeEventCallback = (err: Error | null, event: NativeEvent) => void
+
 /** A mounted export owned by the native core. */
 export interface NativeExport {
   close(): Promise<void>
+  stats(): NativeStats
   readonly size: number
+  /** For an export made by `startFakeDevice`: the socket end that stands in for the kernel; else null. */
+  readonly fakeDevicePeerFd: number | null
 }
 
-interface NativeExportStatic {
-  mount(config: NativeExportConfig, onEvent: (err: Error | null, event: NativeEvent) => void): Promise<NativeExport>
+export interface NativeExportStatic {
+  mount(config: NativeExportConfig, onEvent: NativeEventCallback): Promise<NativeExport>
+  startFakeDevice(config: NativeExportConfig, onEvent: NativeEventCallback): NativeExport
 }
 
 interface NativeBinding {
@@ -76,20 +97,35 @@ export function toBlockfuseError(err: unknown): BlockfuseError {
   return new BlockfuseError('INTERNAL', message, { cause: err })
 }
 
-/** Mounts an export; rejects with a {@link BlockfuseError}. */
-export async function nativeMount(
-  config: NativeExportConfig,
-  onEvent: (err: Error | null, event: NativeEvent) => void,
-): Promise<NativeExport> {
+function nativeStatic<K extends keyof NativeExportStatic>(method: K): NativeExportStatic {
   const { NativeExport } = load()
-  if (typeof NativeExport?.mount !== 'function') {
+  if (typeof NativeExport?.[method] !== 'function') {
     throw new BlockfuseError(
       'NATIVE_LOAD_FAILED',
-      'the native binding has no NativeExport.mount; rebuild it with `npm run build:native`',
+      `the native binding has no NativeExport.${method}; rebuild it with \`npm run build:native\``,
     )
   }
+  return NativeExport
+}
+
+/** Mounts an export; rejects with a {@link BlockfuseError}. */
+export async function nativeMount(config: NativeExportConfig, onEvent: NativeEventCallback): Promise<NativeExport> {
+  const NativeExport = nativeStatic('mount')
   try {
     return await NativeExport.mount(config, onEvent)
+  } catch (err) {
+    throw toBlockfuseError(err)
+  }
+}
+
+/**
+ * Serves an export over a fake device (a socketpair standing in for the kernel) instead of a
+ * mount; for tests only. Throws a {@link BlockfuseError}.
+ */
+export function nativeStartFakeDevice(config: NativeExportConfig, onEvent: NativeEventCallback): NativeExport {
+  const NativeExport = nativeStatic('startFakeDevice')
+  try {
+    return NativeExport.startFakeDevice(config, onEvent)
   } catch (err) {
     throw toBlockfuseError(err)
   }

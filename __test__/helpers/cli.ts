@@ -42,7 +42,12 @@ export class CliProcess {
   readonly child: ChildProcessWithoutNullStreams
   stdout = ''
   stderr = ''
+  /**
+   * Resolves once the process exited and its stdout and stderr are drained ('close', not 'exit':
+   * after 'exit' the last output may still be in flight).
+   */
   readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>
+  #done = false
   #waiters: Array<() => void> = []
 
   constructor(args: readonly string[]) {
@@ -57,7 +62,8 @@ export class CliProcess {
       this.#notify()
     })
     this.exited = new Promise((resolve) => {
-      this.child.on('exit', (code, signal) => {
+      this.child.on('close', (code, signal) => {
+        this.#done = true
         resolve({ code, signal })
         this.#notify()
       })
@@ -79,7 +85,7 @@ export class CliProcess {
     for (;;) {
       const line = this.lines.find((l) => pattern.test(l))
       if (line !== undefined) return line
-      if (this.child.exitCode !== null || this.child.signalCode !== null) {
+      if (this.#done) {
         throw new Error(
           `the CLI exited (${this.child.exitCode ?? this.child.signalCode}) before printing ${pattern}\n${this.#output()}`,
         )

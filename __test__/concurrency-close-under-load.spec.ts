@@ -1,0 +1,166 @@
+/**
+ * Issue 5, closing during a write load: writers keep writing distinct 4 KiB blocks with O_DIRECT
+ * through a writable export and log a block's index only after its write returned successfully;
+ * meanwhile close() is called. Afterwards every block a writer logged as acknowledged must be in
+ * the image with its pattern. Writes that fail because the export went away are expected; only
+ * acknowledged writes count.
+ */
+import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process'
+import { open, truncate } from 'node:fs/promises'
+import { join } from 'node:path'
+import { setTimeout as sleep } from 'node:timers/promises'
+
+import test from 'ava'
+
+import { assertE2eEnvironment } from './helpers/env.js'
+import { makeMountpoint, tempDir } from './helpers/files.js'
+import { isMounted } from './helpers/mounts.js'
+import { C_ENV, openExport } from './helpers/semantics.js'
+
+const BLOCK = 4096
+const WRITERS = 4
+/** Blocks per writer: far more than get written before close, so the load is on when it comes. */
+const BLOCKS_PER_WRITER = 16_384
+const IMAGE = WRITERS * BLOCKS_PER_WRITER * BLOCK
+/** Acknowledged writes (all writers together) before close() is called. */
+const ACKS_BEFORE_CLOSE = 2000
+/** ... of which each writer has at least this many (so every writer writes through the export). */
+const ACKS_PER_WRITER_BEFORE_CLOSE = 100
+
+/**
+ * One writer: blocks [first, first+count) in a shuffled order, each filled with a pattern that
+ * names the block (`blockfuse <index>` at the start of every 64 bytes). Prints `<index>\n`
+ * unbuffered after each pwrite that returned the full block; on the first error prints
+ * `error <errno name>` to stderr and exits 0. Exit 3: it ran out of blocks before close; exit 4:
+ * the file it opened is not the export (the plain mountpoint under it has another size).
+ */
+const WRITER = String.raw`
+import errno, mmap, os, random, sys
+path, first, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+if os.fstat(fd).st_size != ${IMAGE}:
+    sys.stderr.write('opened a file of %d bytes, not the export\n' % os.fstat(fd).st_size)
+    sys.exit(4)
+buf = mmap.mmap(-1, ${BLOCK})
+order = list(range(first, first + count))
+random.shuffle(order)
+for i in order:
+    unit = ('blockfuse %d' % i).encode().ljust(64, b'.')
+    buf.seek(0)
+    buf.write(unit * (${BLOCK} // 64))
+    try:
+        n = os.pwrite(fd, buf, i * ${BLOCK})
+    except OSError as e:
+        sys.stderr.write('error %s\n' % errno.errorcode.get(e.errno, e.errno))
+        sys.exit(0)
+    if n != ${BLOCK}:
+        sys.stderr.write('error short write %d\n' % n)
+        sys.exit(0)
+    os.write(1, b'%d\n' % i)
+sys.exit(3)
+`
+
+function pattern(index: number): Buffer {
+  const unit = Buffer.alloc(64, '.')
+  unit.write(`blockfuse ${index}`)
+  return Buffer.concat(Array.from({ length: BLOCK / 64 }, () => unit))
+}
+
+interface Writer {
+  child: ChildProcessWithoutNullStreams
+  acked: number[]
+  stderr: string
+  exited: Promise<number | null>
+}
+
+function startWriter(path: string, first: number, count: number): Writer {
+  const child = spawn('python3', ['-c', WRITER, path, String(first), String(count)], { env: C_ENV })
+  const writer: Writer = { child, acked: [], stderr: '', exited: Promise.resolve(null) }
+  let pending = ''
+  child.stdout.setEncoding('utf8').on('data', (d: string) => {
+    const lines = (pending + d).split('\n')
+    pending = lines.pop()!
+    for (const line of lines) writer.acked.push(Number(line))
+  })
+  child.stderr.setEncoding('utf8').on('data', (d: string) => (writer.stderr += d))
+  // 'close': stdout is drained, so every acknowledgement printed is in `acked`.
+  writer.exited = new Promise((resolve) => child.on('close', (code) => resolve(code)))
+  return writer
+}
+
+test.before(() => {
+  assertE2eEnvironment(['python3', 'findmnt'])
+})
+
+for (const threads of [1, 4]) {
+  test.serial(
+    `close() during ${WRITERS} O_DIRECT writers (${threads} thread(s)): every acknowledged write is in the image`,
+    async (t) => {
+      const dir = await tempDir(t)
+      const image = join(dir, 'img.raw')
+      const mountpoint = join(dir, 'mnt')
+      await (await open(image, 'w')).close()
+      await truncate(image, IMAGE)
+      await makeMountpoint(mountpoint)
+      const exp = await openExport(t, { source: image, mountpoint, writable: true, threads })
+
+      const writers = Array.from({ length: WRITERS }, (_, w) =>
+        startWriter(mountpoint, w * BLOCKS_PER_WRITER, BLOCKS_PER_WRITER),
+      )
+      t.teardown(() => writers.forEach((w) => w.child.kill('SIGKILL')))
+      const acked = () => writers.reduce((n, w) => n + w.acked.length, 0)
+      const deadline = Date.now() + 30_000
+      // Every writer must be under way: one that opened the mountpoint only after close() would
+      // write into the plain file under it.
+      while (acked() < ACKS_BEFORE_CLOSE || writers.some((w) => w.acked.length < ACKS_PER_WRITER_BEFORE_CLOSE)) {
+        const early = writers.find((w) => w.child.exitCode !== null)
+        if (early) throw new Error(`a writer exited before close (${early.child.exitCode}): ${early.stderr}`)
+        if (Date.now() > deadline) throw new Error(`only ${acked()} writes acknowledged within 30 s`)
+        await sleep(5)
+      }
+      const atClose = acked()
+      const ackedAtClose = writers.map((w) => w.acked.length)
+      const inFlight = exp.stats().inFlight.reduce((a, b) => a + b, 0)
+      const closeStarted = Date.now()
+      await exp.close()
+      const closeMs = Date.now() - closeStarted
+      const ackedAfterClose = writers.map((w) => w.acked.length)
+      t.log(
+        `close() took ${closeMs} ms; acknowledged per writer at close ${ackedAtClose.join(' ')}, when it returned ${ackedAfterClose.join(' ')}`,
+      )
+      t.false(await isMounted(mountpoint))
+
+      // Every writer must notice that the export is gone (an error), not hang or run out of blocks.
+      const hung = new AbortController()
+      const codes = await Promise.race([
+        Promise.all(writers.map((w) => w.exited)),
+        sleep(20_000, undefined, { signal: hung.signal }).then(() => {
+          throw new Error('a writer still runs 20 s after close(): its write was never answered')
+        }),
+      ]).finally(() => hung.abort())
+      t.deepEqual(codes, Array(WRITERS).fill(0), writers.map((w) => w.stderr).join(''))
+      for (const w of writers) t.regex(w.stderr, /^error /, 'each writer saw its writes fail after close')
+      const total = acked()
+      t.log(`${atClose} writes acknowledged when close() was called (${inFlight} in flight), ${total} in all`)
+      t.true(total >= ACKS_BEFORE_CLOSE)
+
+      const fh = await open(image, 'r')
+      const missing: number[] = []
+      try {
+        const buf = Buffer.alloc(BLOCK)
+        for (const w of writers) {
+          for (const index of w.acked) {
+            await fh.read(buf, 0, BLOCK, index * BLOCK)
+            if (!buf.equals(pattern(index))) missing.push(index)
+          }
+        }
+      } finally {
+        await fh.close()
+      }
+      t.deepEqual(missing.slice(0, 20), [], `${missing.length} of ${total} acknowledged blocks are not in the image`)
+      // The check can fail: an unwritten block is zeros, not the pattern.
+      const blank = Buffer.alloc(BLOCK)
+      t.false(pattern(0).equals(blank))
+    },
+  )
+}
