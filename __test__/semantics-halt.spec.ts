@@ -5,8 +5,8 @@
  * then closes itself, with `'keep'` it stays mounted until `close()`.
  *
  * A malformed request stream (short read, length mismatch) cannot be produced through the
- * kernel; that halt is proven by the Rust-level test with a fake device. Proving its TS wiring
- * here would need a test hook on the native object (see the issue-3 report), which does not exist.
+ * kernel; that halt is proven over a fake device, by the Rust-level test and, with the same
+ * FuseExport policy as here, by halt-fake-device.spec.ts.
  */
 import { access, writeFile } from 'node:fs/promises'
 
