@@ -4,7 +4,10 @@
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
-use crate::backend::{Backend, CacheMode, NullBackend, RawBackend, RawOptions};
+use crate::backend::probe::{self, Probed};
+use crate::backend::{
+    Backend, CacheMode, NullBackend, ProbedRaw, Qcow2Backend, Qcow2Options, RawBackend, RawOptions,
+};
 use crate::error::{Error, Result};
 use crate::export::{Export, ExportOptions};
 use crate::sys;
@@ -14,6 +17,11 @@ use crate::transport::{Session, SessionConfig, SessionEvent, MAX_TRANSFER};
 pub enum Source {
     /// An image file (or block device) used as-is.
     Raw(PathBuf),
+    /// A qcow2 image (v2 or v3) with its backing chain, presented as the disk it describes.
+    Qcow2(PathBuf),
+    /// Probe the header: qcow2 if it has the qcow2 magic, else raw. A probed raw image refuses
+    /// writes that would make it look like another format (docs/formats.md).
+    Auto(PathBuf),
     /// A disk of this many bytes that reads zeros and drops writes.
     Null(u64),
 }
@@ -70,11 +78,34 @@ fn open_export(cfg: &ExportConfig) -> Result<Export> {
             cfg.threads
         )));
     }
+    let raw_opts = RawOptions { writable: cfg.writable, cache: cfg.cache };
+    let qcow2_opts = Qcow2Options { writable: cfg.writable, cache: cfg.cache };
+    let open_err = |path: &PathBuf| {
+        let path = path.clone();
+        move |source| Error::SourceOpen { path, source }
+    };
     let backend = match &cfg.source {
-        Source::Raw(path) => Backend::Raw(
-            RawBackend::open(path, RawOptions { writable: cfg.writable, cache: cfg.cache })
-                .map_err(|source| Error::SourceOpen { path: path.clone(), source })?,
-        ),
+        Source::Raw(path) => {
+            Backend::Raw(RawBackend::open(path, raw_opts).map_err(open_err(path))?)
+        }
+        Source::Qcow2(path) => {
+            Backend::Qcow2(Qcow2Backend::open(path, qcow2_opts).map_err(open_err(path))?)
+        }
+        Source::Auto(path) => match probe::probe_file(path).map_err(open_err(path))? {
+            Probed::Qcow2 => {
+                Backend::Qcow2(Qcow2Backend::open(path, qcow2_opts).map_err(open_err(path))?)
+            }
+            Probed::Raw => Backend::ProbedRaw(ProbedRaw::new(
+                RawBackend::open(path, raw_opts).map_err(open_err(path))?,
+            )),
+            Probed::Other(name) => {
+                let reason = format!(
+                    "the image looks like {name}, which blockfuse cannot read; use format raw \
+                     to export its bytes as they are"
+                );
+                return Err(open_err(path)(std::io::Error::other(reason)));
+            }
+        },
         Source::Null(0) => return Err(Error::InvalidConfig("a null backend needs a size".into())),
         Source::Null(len) => Backend::Null(NullBackend::new(*len)),
     };

@@ -61,7 +61,7 @@ fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 
 #[napi(object)]
 pub struct NativeExportConfig {
-    /// 'raw' | 'null'
+    /// 'raw' | 'qcow2' | 'null' | 'auto'
     pub format: String,
     pub source: Option<String>,
     pub null_size: Option<f64>,
@@ -85,10 +85,15 @@ pub struct NativeEvent {
 
 fn to_core(c: NativeExportConfig) -> Result<ExportConfig> {
     let invalid = |m: String| js_error("INVALID_CONFIG", m);
+    let path = |format: &str, source: Option<String>| {
+        source
+            .map(PathBuf::from)
+            .ok_or_else(|| invalid(format!("format {format} needs a source path")))
+    };
     let source = match c.format.as_str() {
-        "raw" => Source::Raw(PathBuf::from(
-            c.source.ok_or_else(|| invalid("format raw needs a source path".into()))?,
-        )),
+        "raw" => Source::Raw(path("raw", c.source)?),
+        "qcow2" => Source::Qcow2(path("qcow2", c.source)?),
+        "auto" => Source::Auto(path("auto", c.source)?),
         "null" => {
             let size = c.null_size.ok_or_else(|| invalid("format null needs nullSize".into()))?;
             if !(size >= 1.0 && size.fract() == 0.0 && size <= 9_007_199_254_740_991.0) {

@@ -5,10 +5,14 @@ use std::io;
 
 mod memory;
 mod null;
+pub mod probe;
+mod qcow2;
 mod raw;
 
 pub use memory::MemoryBackend;
 pub use null::NullBackend;
+pub use probe::ProbedRaw;
+pub use qcow2::{Qcow2Backend, Qcow2Options};
 pub use raw::{CacheMode, RawBackend, RawOptions};
 
 /// Whether a range holds data or is a hole, as SEEK_DATA/SEEK_HOLE see it.
@@ -55,6 +59,9 @@ pub enum Backend {
     Raw(RawBackend),
     Null(NullBackend),
     Memory(MemoryBackend),
+    Qcow2(Qcow2Backend),
+    /// A raw image found by probing: first-sector writes are checked (see `probe`).
+    ProbedRaw(ProbedRaw),
 }
 
 macro_rules! dispatch {
@@ -63,6 +70,8 @@ macro_rules! dispatch {
             Backend::Raw($b) => $e,
             Backend::Null($b) => $e,
             Backend::Memory($b) => $e,
+            Backend::Qcow2($b) => $e,
+            Backend::ProbedRaw($b) => $e,
         }
     };
 }
