@@ -76,6 +76,13 @@ test('--stats is a flag of its own, with or without --json, in any position', (t
   )
 })
 
+test('--format takes raw, qcow2, null and auto; the usage names them and the auto default', (t) => {
+  for (const format of ['raw', 'qcow2', 'null', 'auto']) {
+    t.like(parseCliArgs(['export', '--format', format, 'a', 'b']), { options: { format } })
+  }
+  t.regex(EXPORT_USAGE, /--format raw\|qcow2\|null\|auto +image format \(default: auto/)
+})
+
 test('the export usage documents --stats', (t) => {
   t.regex(EXPORT_USAGE, /^ {2}--stats {2,}\S/m)
   t.regex(EXPORT_USAGE, /"event":"stats"/)
@@ -111,7 +118,11 @@ const usageErrors: Array<[string, string[], RegExp]> = [
     ['export', '--allow-other', 'yes', 'a', 'b'],
     /--allow-other must be one of on, off, auto, got "yes"/,
   ],
-  ['a bad --format', ['export', '--format', 'qcow2', 'a', 'b'], /--format must be one of raw, null, got "qcow2"/],
+  [
+    'a bad --format',
+    ['export', '--format', 'vmdk', 'a', 'b'],
+    /--format must be one of raw, qcow2, null, auto, got "vmdk"/,
+  ],
   ['a bad --cache', ['export', '--cache', 'direct', 'a', 'b'], /--cache must be one of writeback, none/],
   ['a bad --on-halt', ['export', '--on-halt', 'stop', 'a', 'b'], /--on-halt must be one of unmount, keep/],
   ['--stats given a value', ['export', '--stats=1', 'a', 'b'], /--stats/],

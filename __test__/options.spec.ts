@@ -22,7 +22,7 @@ test('defaults are applied and paths made absolute', (t) => {
   t.deepEqual(raw, {
     source: join(process.cwd(), 'img.raw'),
     mountpoint: join(process.cwd(), 'mnt'),
-    format: 'raw',
+    format: 'auto',
     writable: false,
     growable: false,
     allowOther: 'auto',
@@ -75,12 +75,22 @@ const invalidOptions: Array<[string, unknown, RegExp]> = [
   ['a non-boolean writable', { ...base, writable: 'yes' }, /"writable" must be a boolean, got "yes"/],
   ['a non-boolean writethrough', { ...base, writethrough: 1 }, /"writethrough" must be a boolean, got 1/],
   ['growable without writable', { ...base, growable: true }, /"growable" needs "writable: true"/],
-  ['a bad format', { ...base, format: 'qcow2' }, /"format" must be one of "raw", "null", got "qcow2"/],
+  ['a bad format', { ...base, format: 'vmdk' }, /"format" must be one of "raw", "qcow2", "null", "auto", got "vmdk"/],
   ['format null with a path', { ...base, format: 'null' }, /"format" is "null" but "source" is a path \("\/img.raw"\)/],
   [
     'format raw with a null source',
     { ...base, source: { null: 1 }, format: 'raw' },
     /"format" is "raw" but "source" is a null backend/,
+  ],
+  [
+    'format qcow2 with a null source',
+    { ...base, source: { null: 1 }, format: 'qcow2' },
+    /"format" is "qcow2" but "source" is a null backend/,
+  ],
+  [
+    'format auto with a null source',
+    { ...base, source: { null: 1 }, format: 'auto' },
+    /"format" is "auto" but "source" is a null backend/,
   ],
   ['a boolean allowOther', { ...base, allowOther: true }, /"allowOther" must be one of "on", "off", "auto", got true/],
   ['a bad allowOther', { ...base, allowOther: 'maybe' }, /"allowOther" must be one of .* got "maybe"/],

@@ -53,16 +53,17 @@ export const EXPORT_USAGE = `Usage: blockfuse export [options] <source> <mountpo
 
 Export <source> on <mountpoint> (an existing regular file) until SIGINT, SIGTERM
 or SIGHUP, which drain in-flight requests and unmount.
-<source> is a path of a raw image, or null:<size> for a null backend that reads
-zeros (e.g. null:1G; units k, M, G, T are binary). Prints a line starting with
-"ready" once the export serves.
+<source> is a path of an image (raw or qcow2), or null:<size> for a null backend
+that reads zeros (e.g. null:1G; units k, M, G, T are binary). Prints a line
+starting with "ready" once the export serves.
 
 Options:
   --writable                     allow writes (default: read-only)
   --growable                     let writes past the end grow the image (needs --writable)
   --allow-other on|off|auto      let other users access the file (default: auto)
   --threads N                    number of /dev/fuse queues, 1 to 64 (default: 1)
-  --format raw|null              image format (default: from <source>)
+  --format raw|qcow2|null|auto   image format (default: auto, which probes the header;
+                                 null for null:<size>)
   --cache writeback|none         host cache for the image file (default: writeback)
   --writethrough                 flush after every write before acknowledging it
   --on-halt unmount|keep         on a fatal protocol error: unmount (default) or keep
@@ -126,7 +127,7 @@ function parseExport(args: string[]): CliCommand {
   if (values.writethrough) options.writethrough = true
   const allowOther = oneOf<AllowOther>('allow-other', values['allow-other'], ['on', 'off', 'auto'])
   if (allowOther) options.allowOther = allowOther
-  const format = oneOf<ExportFormat>('format', values.format, ['raw', 'null'])
+  const format = oneOf<ExportFormat>('format', values.format, ['raw', 'qcow2', 'null', 'auto'])
   if (format) options.format = format
   const cache = oneOf<CacheMode>('cache', values.cache, ['writeback', 'none'])
   if (cache) options.cache = cache

@@ -13,8 +13,14 @@ import { basename, dirname, join, resolve } from 'node:path'
 import { BlockfuseError } from './errors.js'
 import { isExported } from './registry.js'
 
-/** Image format: `raw` is a file (or block device) used as is; `null` reads zeros and drops writes. */
-export type ExportFormat = 'raw' | 'null'
+/**
+ * Image format: `raw` is a file (or block device) used as is; `qcow2` is a qcow2 image (v2 or v3,
+ * with its backing chain) presented as the disk it describes; `null` reads zeros and drops writes;
+ * `auto` probes the image header (qcow2 magic → `qcow2`, else `raw`). A raw image found by probing
+ * refuses writes that would make its first sector look like another format (EPERM); give `'raw'`
+ * to lift that (see docs/formats.md).
+ */
+export type ExportFormat = 'raw' | 'qcow2' | 'null' | 'auto'
 /** Whether other users may access the export (`allow_other` mount option). */
 export type AllowOther = 'on' | 'off' | 'auto'
 /** Host cache mode for the backing file. */
@@ -34,14 +40,14 @@ export interface NullSource {
 
 /** Options of {@link FuseExport.create}. */
 export interface FuseExportOptions {
-  /** Path of a raw image file (or block device), or `{ null: size }` for a null backend. Required. */
+  /** Path of an image file (or block device), or `{ null: size }` for a null backend. Required. */
   source: string | NullSource
   /**
    * Path of an existing regular file the export is mounted on; it is covered while the export lives
    * and uncovered by `close()`. It may be the source image itself. Required.
    */
   mountpoint: string
-  /** Image format. Default: `'null'` when `source` is `{ null }`, else `'raw'`. */
+  /** Image format. Default: `'null'` when `source` is `{ null }`, else `'auto'`. */
   format?: ExportFormat
   /** Allow writes through the export. Default: `false` (mounted read-only). */
   writable?: boolean
@@ -215,7 +221,12 @@ export function normalizeOptions(input: unknown): ResolvedFuseExportOptions {
   const mountpoint = resolve(rawMountpoint)
 
   const isNull = typeof source !== 'string'
-  const format = optionalEnum<ExportFormat>(options, 'format', ['raw', 'null'], isNull ? 'null' : 'raw')
+  const format = optionalEnum<ExportFormat>(
+    options,
+    'format',
+    ['raw', 'qcow2', 'null', 'auto'],
+    isNull ? 'null' : 'auto',
+  )
   if (format === 'null' && !isNull) {
     throw invalid(
       `option "format" is "null" but "source" is a path (${describe(source)}); a null backend is given as source: { null: <size> }`,
