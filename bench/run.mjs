@@ -427,7 +427,8 @@ function serverCommand(peer, backend, image, mnt, opts) {
   switch (peer.family) {
     case 'blockfuse': {
       const args = [path.join(ROOT, 'dist', 'cli.js'), 'export', '--writable', '--threads', String(peer.threads)]
-      if (backend.kind === 'file') args.push('--cache', backend.cache)
+      // An explicit format: no probing of the image's first sector.
+      if (backend.kind === 'file') args.push('--format', 'raw', '--cache', backend.cache)
       args.push(backend.kind === 'null' ? `null:${size}` : image, mnt)
       return { cmd: process.execPath, args, ready: 'line' }
     }
