@@ -293,7 +293,12 @@ mod tests {
             s.rules,
             vec![
                 FaultRule { errno: libc::EIO, start: 0, end: 4096, ops: FaultOps::ReadWrite },
-                FaultRule { errno: libc::ENOSPC, start: 1 << 20, end: 2 << 20, ops: FaultOps::Write },
+                FaultRule {
+                    errno: libc::ENOSPC,
+                    start: 1 << 20,
+                    end: 2 << 20,
+                    ops: FaultOps::Write
+                },
                 FaultRule { errno: libc::EDQUOT, start: 4096, end: 8192, ops: FaultOps::Read },
             ]
         );
@@ -352,8 +357,8 @@ mod tests {
     #[test]
     fn flush_faults_and_delays() {
         let spec = FaultSpec::parse("flush=enospc,delay=30ms").unwrap();
-        let b = FaultBackend::new(Backend::Memory(MemoryBackend::new(vec![0; 4096])), spec)
-            .unwrap();
+        let b =
+            FaultBackend::new(Backend::Memory(MemoryBackend::new(vec![0; 4096])), spec).unwrap();
         let started = Instant::now();
         let r = block_on(b.flush());
         assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::ENOSPC));

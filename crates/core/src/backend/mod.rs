@@ -3,12 +3,14 @@
 
 use std::io;
 
+pub mod fault;
 mod memory;
 mod null;
 pub mod probe;
 mod qcow2;
 mod raw;
 
+pub use fault::{FaultBackend, FaultSpec};
 pub use memory::MemoryBackend;
 pub use null::NullBackend;
 pub use probe::ProbedRaw;
@@ -62,6 +64,8 @@ pub enum Backend {
     Qcow2(Qcow2Backend),
     /// A raw image found by probing: first-sector writes are checked (see `probe`).
     ProbedRaw(ProbedRaw),
+    /// Test only: another backend with injected errors and latency (see `fault`).
+    Fault(FaultBackend),
 }
 
 macro_rules! dispatch {
@@ -72,6 +76,7 @@ macro_rules! dispatch {
             Backend::Memory($b) => $e,
             Backend::Qcow2($b) => $e,
             Backend::ProbedRaw($b) => $e,
+            Backend::Fault($b) => $e,
         }
     };
 }
