@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use crate::backend::probe::{self, Probed};
 use crate::backend::{
-    Backend, CacheMode, NullBackend, ProbedRaw, Qcow2Backend, Qcow2Options, RawBackend, RawOptions,
+    Backend, CacheMode, FaultBackend, FaultSpec, NullBackend, ProbedRaw, Qcow2Backend,
+    Qcow2Options, RawBackend, RawOptions,
 };
 use crate::error::{Error, Result};
 use crate::export::{Export, ExportOptions};
@@ -46,7 +47,17 @@ pub fn start(
     cfg: ExportConfig,
     on_event: Box<dyn Fn(SessionEvent) + Send + Sync>,
 ) -> Result<Session> {
-    let export = open_export(&cfg)?;
+    start_with_faults(cfg, None, on_event)
+}
+
+/// Test only (docs/reliability.md): [`start`] with the backend wrapped in a fault injector.
+#[doc(hidden)]
+pub fn start_with_faults(
+    cfg: ExportConfig,
+    faults: Option<FaultSpec>,
+    on_event: Box<dyn Fn(SessionEvent) + Send + Sync>,
+) -> Result<Session> {
+    let export = open_export(&cfg, faults)?;
     let session_cfg = SessionConfig {
         mountpoint: cfg.mountpoint,
         allow_other: cfg.allow_other,
@@ -62,13 +73,13 @@ pub fn start_fake_device(
     cfg: ExportConfig,
     on_event: Box<dyn Fn(SessionEvent) + Send + Sync>,
 ) -> Result<(Session, OwnedFd)> {
-    let export = open_export(&cfg)?;
+    let export = open_export(&cfg, None)?;
     let (ours, peer) = sys::seqpacket_pair()
         .map_err(|e| Error::Internal(format!("cannot create a fake device: {e}")))?;
     Ok((Session::serve_fake_device(export, ours, on_event)?, peer))
 }
 
-fn open_export(cfg: &ExportConfig) -> Result<Export> {
+fn open_export(cfg: &ExportConfig, faults: Option<FaultSpec>) -> Result<Export> {
     if cfg.growable && !cfg.writable {
         return Err(Error::InvalidConfig("growable needs writable".into()));
     }
@@ -108,6 +119,12 @@ fn open_export(cfg: &ExportConfig) -> Result<Export> {
         },
         Source::Null(0) => return Err(Error::InvalidConfig("a null backend needs a size".into())),
         Source::Null(len) => Backend::Null(NullBackend::new(*len)),
+    };
+    let backend = match faults {
+        Some(spec) => Backend::Fault(FaultBackend::new(backend, spec).map_err(|e| {
+            Error::Internal(format!("cannot start the fault injector's timer thread: {e}"))
+        })?),
+        None => backend,
     };
     let (uid, gid) = sys::effective_ids();
     let opts = ExportOptions {

@@ -6,7 +6,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use blockfuse_core::backend::{BlockBackend, CacheMode};
+use blockfuse_core::backend::{BlockBackend, CacheMode, FaultSpec};
 use blockfuse_core::config::{self, ExportConfig, Source};
 use blockfuse_core::transport::{Session, SessionEvent};
 use napi::bindgen_prelude::*;
@@ -120,6 +120,17 @@ fn to_core(c: NativeExportConfig) -> Result<ExportConfig> {
     })
 }
 
+/// Test only: `BLOCKFUSE_FAULTS` (e.g. `eio@0-4096,enospc@1M-2M:w,delay=5ms`) makes every export
+/// this process mounts inject those faults (docs/reliability.md). Never set it in production.
+fn faults_from_env() -> Result<Option<FaultSpec>> {
+    let Some(spec) = std::env::var_os("BLOCKFUSE_FAULTS") else { return Ok(None) };
+    let spec = spec.to_string_lossy();
+    let parsed = FaultSpec::parse(&spec)
+        .map_err(|e| js_error("INVALID_CONFIG", format!("BLOCKFUSE_FAULTS: {e}")))?;
+    log::warn!("BLOCKFUSE_FAULTS is set: injecting faults ({spec}); for tests only");
+    Ok(Some(parsed))
+}
+
 type EventCallback = ThreadsafeFunction<NativeEvent>;
 
 pub struct MountTask {
@@ -136,7 +147,8 @@ impl Task for MountTask {
         let callback = self.on_event.take();
         no_panic("mount", move || {
             let cfg = to_core(config)?;
-            config::start(cfg, event_sink(callback)).map_err(core_error)
+            config::start_with_faults(cfg, faults_from_env()?, event_sink(callback))
+                .map_err(core_error)
         })
     }
 
