@@ -95,6 +95,12 @@ async function runExport(command: Extract<ReturnType<typeof parseCliArgs>, { kin
     else process.stderr.write(`blockfuse: export halted: ${reason}\n`)
   })
   exp.on('error', fail)
+  if (exp.allowOtherFallback !== undefined) {
+    process.stderr.write(
+      `blockfuse: warning: --allow-other auto: mounting with allow_other failed (${exp.allowOtherFallback}); ` +
+        `falling back to off: only uid ${process.getuid?.()} can access ${exp.mountpoint}\n`,
+    )
+  }
   out(readyLine(exp), {
     event: 'ready',
     mountpoint: exp.mountpoint,

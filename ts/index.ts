@@ -86,6 +86,11 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
   readonly mountpoint: string
   /** Whether the mount uses `allow_other` (how `allowOther: 'auto'` was resolved). */
   readonly allowOther: boolean
+  /**
+   * Why `allowOther: 'auto'` fell back to off: the error of the mount with `allow_other` (an
+   * unprivileged user without `user_allow_other` in /etc/fuse.conf). Undefined when it did not.
+   */
+  readonly allowOtherFallback: string | undefined
 
   #native: NativeExport
   #closing: Promise<void> | undefined
@@ -96,11 +101,17 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
   #finalStats: ExportStats | undefined
   #keepAlive: NodeJS.Timeout | undefined
 
-  private constructor(options: ResolvedFuseExportOptions, native: NativeExport, allowOther: boolean) {
+  private constructor(
+    options: ResolvedFuseExportOptions,
+    native: NativeExport,
+    allowOther: boolean,
+    allowOtherFallback: string | undefined,
+  ) {
     super()
     this.options = options
     this.mountpoint = options.mountpoint
     this.allowOther = allowOther
+    this.allowOtherFallback = allowOtherFallback
     this.#native = native
     // A mounted export is like a listening server: the process must not exit under it, or
     // clients would see ENOTCONN until someone unmounts by hand.
@@ -147,15 +158,17 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
         writethrough: resolved.writethrough,
       }
       let allowOther = resolved.allowOther !== 'off'
+      let fallback: string | undefined
       let native: NativeExport
       try {
         native = await start({ ...base, allowOther }, onEvent)
       } catch (err) {
         if (resolved.allowOther !== 'auto' || (err as BlockfuseError).code !== 'MOUNT_FAILED') throw err
         allowOther = false
+        fallback = (err as BlockfuseError).message
         native = await start({ ...base, allowOther }, onEvent)
       }
-      instance = new FuseExport(resolved, native, allowOther)
+      instance = new FuseExport(resolved, native, allowOther, fallback)
       instance.#lastSize = instance.size
     } catch (err) {
       release(mountpoint)
