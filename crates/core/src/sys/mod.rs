@@ -247,3 +247,20 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: socketpair just created both fds and nobody else owns them.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
+
+/// preadv2(RWF_NOWAIT): reads only what the page cache holds right now. `Ok(None)` when the read
+/// would block (EAGAIN) or the file does not support it.
+pub fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<Option<usize>> {
+    let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let offset = to_off(offset)?;
+    // SAFETY: `iov` describes `buf`, valid for writes of buf.len() bytes during the call.
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
+    if n < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) => Ok(None),
+            _ => Err(err),
+        };
+    }
+    Ok(Some(n as usize))
+}
