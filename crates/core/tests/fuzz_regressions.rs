@@ -7,6 +7,8 @@
 mod harness;
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
 
 fn fuzz_dir(sub: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz").join(sub).join("request_stream")
@@ -22,11 +24,23 @@ fn inputs(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     files.into_iter().map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect()
 }
 
+/// Each input must pass within this (libFuzzer's `-timeout` in .ci/run is the same): a hang is a
+/// finding too.
+const PER_INPUT: Duration = Duration::from_secs(10);
+
 fn replay(what: &str, inputs: Vec<(PathBuf, Vec<u8>)>) -> usize {
     let n = inputs.len();
     for (path, data) in inputs {
-        let r = std::panic::catch_unwind(|| harness::run_one(&data));
-        assert!(r.is_ok(), "{what} {} fails the harness again", path.display());
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let r = std::panic::catch_unwind(|| harness::run_one(&data));
+            let _ = tx.send(r.is_ok());
+        });
+        match rx.recv_timeout(PER_INPUT) {
+            Ok(true) => {}
+            Ok(false) => panic!("{what} {} fails the harness again", path.display()),
+            Err(_) => panic!("{what} {} hangs again (over {PER_INPUT:?})", path.display()),
+        }
     }
     n
 }

@@ -76,8 +76,11 @@ impl Default for Stats {
 
 /// Attribute and entry validity the kernel may cache GETATTR results for.
 const ATTR_VALID_SECS: u64 = 1;
-/// FALLOCATE on long ranges is split into pieces of at most this many bytes.
+/// FALLOCATE on long ranges is split into pieces of at most this many bytes...
 const ZERO_CHUNK: u64 = 1 << 30;
+/// ...unless that would take more than this many backend calls: a client may zero an exabyte of
+/// a sparse image, and a billion calls would tie up the request (and close()) for hours.
+const MAX_ZERO_PIECES: u64 = 1024;
 
 pub struct Export {
     backend: Backend,
@@ -361,9 +364,10 @@ impl Export {
         };
         // Past EOF there is nothing to zero or punch.
         let end = end.min(self.backend.len());
+        let chunk = ZERO_CHUNK.max(end.saturating_sub(offset).div_ceil(MAX_ZERO_PIECES));
         let mut pos = offset;
         while pos < end {
-            let piece = (end - pos).min(ZERO_CHUNK);
+            let piece = (end - pos).min(chunk);
             self.backend.write_zeroes(pos, piece, unmap).await.map_err(io)?;
             pos += piece;
         }
