@@ -55,7 +55,8 @@ struct HeaderInfo {
 
 impl HeaderInfo {
     fn read(path: &Path) -> io::Result<Self> {
-        let mut head = [0u8; 24];
+        // The version 2 header: 72 bytes (version 3 extends it).
+        let mut head = [0u8; 72];
         let mut file = File::open(path)?;
         let n = read_up_to(&mut file, &mut head)?;
         if n < 4 || head[..4] != super::probe::QCOW2_MAGIC {
@@ -73,6 +74,10 @@ impl HeaderInfo {
         let cluster_bits = be32(20);
         if !(9..=21).contains(&cluster_bits) {
             return Err(invalid(&format!("invalid qcow2 cluster_bits {cluster_bits}")));
+        }
+        // imago has no encryption: such an image would read as ciphertext.
+        if be32(32) != 0 {
+            return Err(invalid("encrypted qcow2 images are not supported"));
         }
         Ok(HeaderInfo { version, cluster_size: 1 << cluster_bits })
     }
@@ -176,6 +181,28 @@ async fn no_panic<T>(what: &str, fut: impl Future<Output = io::Result<T>>) -> io
     r
 }
 
+/// Makes a range read zeros without deallocating it: zero clusters on v3; on v2, which has no
+/// zero flag, zeros written as data.
+async fn zero_in_place(
+    image: &FormatAccess<ImageFile>,
+    v3: bool,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    if v3 {
+        return image.write_zeroes(offset, len).await;
+    }
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
+    let end = offset + len;
+    let mut pos = offset;
+    while pos < end {
+        let n = (end - pos).min(zeros.len() as u64) as usize;
+        image.write(&zeros[..n], pos).await?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
 /// Request-time errors: OS errors keep their errno; imago's own (corrupt metadata, unsupported
 /// feature, out of range) are logged and become EIO, or EOPNOTSUPP for "unsupported".
 fn request_error(what: &str, e: io::Error) -> io::Error {
@@ -241,6 +268,14 @@ impl BlockBackend for Qcow2Backend {
                 };
                 self.image.read().await.resize_grow(new_len, mode).await
             } else if new_len < old {
+                // Shrinking keeps the last cluster, data past the new end included; zero that
+                // tail first, so growing again reads zeros there (as a file would).
+                let tail_end = new_len.next_multiple_of(self.header.cluster_size).min(old);
+                if tail_end > new_len {
+                    let image = self.image.read().await;
+                    zero_in_place(&image, self.header.version >= 3, new_len, tail_end - new_len)
+                        .await?;
+                }
                 self.image.write().await.resize_shrink(new_len).await
             } else {
                 Ok(())
@@ -252,34 +287,35 @@ impl BlockBackend for Qcow2Backend {
         Ok(())
     }
     async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        let v3 = self.header.version >= 3;
         no_panic("write-zeroes", async {
-            if !unmap {
-                // v3: zero clusters (allocation kept); v2: zeros written as data.
-                return self.image.read().await.write_zeroes(offset, len).await;
-            }
-            let mut image = self.image.write().await;
-            if self.header.version >= 3 {
+            if v3 && unmap {
                 // Zero clusters without allocation; partial clusters get zeros written.
-                return image.discard_to_zero(offset, len).await;
+                return self.image.write().await.discard_to_zero(offset, len).await;
             }
-            if self.has_backing {
-                // v2 has no zero flag: deallocating would show the backing file.
-                return image.write_zeroes(offset, len).await;
+            if v3 || self.has_backing {
+                // v3: zero clusters, allocation kept. v2 with a backing file: zeros as data (v2
+                // has no zero flag, and deallocating would show the backing file).
+                let image = self.image.read().await;
+                return zero_in_place(&image, v3, offset, len).await;
             }
-            // v2 without a backing file: unallocated clusters read as zeros.
+            // v2 without a backing file: unallocated clusters read as zeros, so deallocate the
+            // whole clusters and write zeros into the partial ones at either end.
+            let image = self.image.write().await;
             let cs = self.header.cluster_size;
             let end = offset + len;
             let inner_start = offset.next_multiple_of(cs);
             let inner_end = if end == self.len() { end } else { end / cs * cs };
             if inner_start >= inner_end {
-                return image.write_zeroes(offset, len).await;
+                return zero_in_place(&image, v3, offset, len).await;
             }
+            let mut image = image;
             image.discard_to_backing(inner_start, inner_end - inner_start).await?;
             if offset < inner_start {
-                image.write_zeroes(offset, inner_start - offset).await?;
+                zero_in_place(&image, v3, offset, inner_start - offset).await?;
             }
             if inner_end < end {
-                image.write_zeroes(inner_end, end - inner_end).await?;
+                zero_in_place(&image, v3, inner_end, end - inner_end).await?;
             }
             Ok(())
         })
@@ -629,6 +665,12 @@ mod tests {
         std::fs::write(&path, &h).unwrap();
         let e = HeaderInfo::read(&path).unwrap_err();
         assert!(e.to_string().contains("version 7"), "{e}");
+        h[7] = 3;
+        h[20..24].copy_from_slice(&16u32.to_be_bytes());
+        h[32..36].copy_from_slice(&2u32.to_be_bytes());
+        std::fs::write(&path, &h).unwrap();
+        let e = HeaderInfo::read(&path).unwrap_err();
+        assert!(e.to_string().contains("encrypted"), "{e}");
         let _ = std::fs::remove_file(&path);
     }
 
