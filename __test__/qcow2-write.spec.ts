@@ -219,3 +219,20 @@ test('growing an image whose backing file is longer does not let the backing dat
   await mustClient('truncate', ['-s', String(3 * MiB), mirror])
   await assertIdentical(t, mirror, top, 'qcow2', 'after close')
 })
+
+test("cache 'none' (O_DIRECT on every file of the chain): unaligned writes over a backing file, check clean, compare identical", async (t) => {
+  const d = await qcow2Dir(t)
+  const { top } = await threeLevelChain(d, 8 * MiB)
+  const mirror = d.path('mirror.raw')
+  await convertToRaw(top, mirror)
+  const exp = await openExport(t, { source: top, mountpoint: d.mountpoint, writable: true, cache: 'none' })
+  for (const w of WRITES) {
+    const src = await patternFile(d.path, w)
+    await ddWrite(d.mountpoint, w, src)
+    await ddWrite(mirror, w, src)
+  }
+  await mustClient('cmp', [d.mountpoint, mirror])
+  await exp.close()
+  await assertClean(t, top)
+  await assertIdentical(t, mirror, top, 'qcow2', 'after close')
+})
