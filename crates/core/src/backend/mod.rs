@@ -4,6 +4,7 @@
 use std::io;
 
 pub mod fault;
+mod file_io;
 mod memory;
 mod null;
 pub mod probe;

@@ -11,8 +11,7 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::io::{self, Read, Seek};
-use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,9 +25,8 @@ use imago::storage::drivers::CommonStorageHelper;
 use imago::{FormatAccess, FormatDriverBuilder, Mapping, Storage, StorageOpenOptions};
 use tokio::sync::RwLock;
 
-use super::{BlockBackend, CacheMode, Extent};
+use super::{file_io, BlockBackend, CacheMode, Extent};
 use crate::sys;
-use crate::sys::uring::Ring;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Qcow2Options {
@@ -414,10 +412,6 @@ impl fmt::Display for ImageFile {
     }
 }
 
-fn retryable(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN))
-}
-
 impl ImageFile {
     fn size_now(&self) -> io::Result<u64> {
         let meta = self.file.metadata()?;
@@ -431,62 +425,20 @@ impl ImageFile {
 
     /// Fills `buf` from `offset`; what lies past EOF reads as zeros.
     async fn pread_full(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let ring = Ring::current();
-        let mut done = 0;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let r = match &ring {
-                Some(ring) => match ring.read_at(self.file.as_fd(), &mut buf[done..], pos).await {
-                    Some(r) => r,
-                    None => self.file.read_at(&mut buf[done..], pos),
-                },
-                None => self.file.read_at(&mut buf[done..], pos),
-            };
-            match r {
-                Ok(0) => {
-                    buf[done..].fill(0);
-                    break;
-                }
-                Ok(n) => done += n,
-                Err(e) if retryable(&e) => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let n = file_io::read_full(&self.file, buf, offset).await?;
+        buf[n..].fill(0);
         Ok(())
     }
 
     async fn pwrite_full(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let ring = Ring::current();
-        let mut done = 0;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let r = match &ring {
-                Some(ring) => match ring.write_at(self.file.as_fd(), &buf[done..], pos).await {
-                    Some(r) => r,
-                    None => self.file.write_at(&buf[done..], pos),
-                },
-                None => self.file.write_at(&buf[done..], pos),
-            };
-            match r {
-                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
-                Ok(n) => done += n,
-                Err(e) if retryable(&e) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        file_io::write_all(&self.file, buf, offset).await
     }
 
     async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
         if len == 0 {
             return Ok(());
         }
-        if let Some(ring) = Ring::current() {
-            if let Some(r) = ring.fallocate(self.file.as_fd(), mode, offset, len).await {
-                return r;
-            }
-        }
-        sys::fallocate(&self.file, mode, offset, len)
+        file_io::fallocate(&self.file, mode, offset, len).await
     }
 
     async fn write_zero_data(&self, mut offset: u64, len: u64) -> io::Result<()> {
@@ -612,12 +564,7 @@ impl Storage for ImageFile {
     }
 
     async fn sync(&self) -> io::Result<()> {
-        if let Some(ring) = Ring::current() {
-            if let Some(r) = ring.datasync(self.file.as_fd()).await {
-                return r;
-            }
-        }
-        self.file.sync_data()
+        file_io::datasync(&self.file).await
     }
 
     async unsafe fn invalidate_cache(&self) -> io::Result<()> {

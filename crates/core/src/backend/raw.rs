@@ -4,12 +4,11 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{BlockBackend, Extent};
+use super::{file_io, BlockBackend, Extent};
 use crate::aligned::AlignedBuf;
 use crate::sys;
 use crate::sys::uring::Ring;
@@ -44,10 +43,6 @@ pub struct RawBackend {
 const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
 const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
 const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
-
-fn retryable(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN))
-}
 
 impl RawBackend {
     pub fn open(path: &Path, opts: RawOptions) -> io::Result<Self> {
@@ -94,11 +89,10 @@ impl RawBackend {
 
     /// Reads until `buf` is full or EOF; returns the bytes read.
     async fn pread(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        let ring = Ring::current();
         let mut done = 0;
         // Through the page cache, a cache hit is cheapest as one non-blocking syscall; only what
         // would block (a miss) goes to the ring.
-        if self.alignment <= 1 && ring.is_some() {
+        if self.alignment <= 1 && Ring::current().is_some() {
             if let Some(n) = sys::pread_nowait(&self.file, buf, offset)? {
                 if n == buf.len() || n == 0 {
                     return Ok(n);
@@ -106,54 +100,11 @@ impl RawBackend {
                 done = n;
             }
         }
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let r = match &ring {
-                Some(ring) => match ring.read_at(self.file.as_fd(), &mut buf[done..], pos).await {
-                    Some(r) => r,
-                    None => self.file.read_at(&mut buf[done..], pos),
-                },
-                None => self.file.read_at(&mut buf[done..], pos),
-            };
-            match r {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if retryable(&e) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(done)
+        Ok(done + file_io::read_full(&self.file, &mut buf[done..], offset + done as u64).await?)
     }
 
     async fn pwrite(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let ring = Ring::current();
-        let mut done = 0;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let r = match &ring {
-                Some(ring) => match ring.write_at(self.file.as_fd(), &buf[done..], pos).await {
-                    Some(r) => r,
-                    None => self.file.write_at(&buf[done..], pos),
-                },
-                None => self.file.write_at(&buf[done..], pos),
-            };
-            match r {
-                Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO)),
-                Ok(n) => done += n,
-                Err(e) if retryable(&e) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
-    async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
-        if let Some(ring) = Ring::current() {
-            if let Some(r) = ring.fallocate(self.file.as_fd(), mode, offset, len).await {
-                return r;
-            }
-        }
-        sys::fallocate(&self.file, mode, offset, len)
+        file_io::write_all(&self.file, buf, offset).await
     }
 
     /// The aligned range covering `[offset, offset+len)`.
@@ -219,17 +170,12 @@ impl BlockBackend for RawBackend {
         Ok(())
     }
     async fn flush(&self) -> io::Result<()> {
-        if let Some(ring) = Ring::current() {
-            if let Some(r) = ring.datasync(self.file.as_fd()).await {
-                return r;
-            }
-        }
-        self.file.sync_data()
+        file_io::datasync(&self.file).await
     }
     async fn truncate(&self, new_len: u64, preallocate: bool) -> io::Result<()> {
         let old = self.len();
         if preallocate && new_len > old {
-            self.fallocate(0, old, new_len - old).await?;
+            file_io::fallocate(&self.file, 0, old, new_len - old).await?;
         } else {
             self.file.set_len(new_len)?;
         }
@@ -242,10 +188,11 @@ impl BlockBackend for RawBackend {
         } else {
             FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
         };
-        match self.fallocate(mode, offset, len).await {
+        match file_io::fallocate(&self.file, mode, offset, len).await {
             Err(e) if !unmap && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
                 // No ZERO_RANGE on this filesystem: punching reads back the same zeros.
-                self.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len).await
+                let mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+                file_io::fallocate(&self.file, mode, offset, len).await
             }
             r => r,
         }
