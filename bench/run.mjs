@@ -21,8 +21,11 @@ const USAGE = `Usage: node bench/run.mjs [options]
 
   --quick            small subset (null and file-direct; randread, randwrite; aio; 1 job; 1 rep)
   --only CELLS       comma-separated cell patterns backend[:rw[:engine[:jN]]], '*' for any part;
-                     backend is null, file-direct, file-cached, or file (both file modes)
+                     backend is null, file-direct, file-cached, or file (both file modes), or
+                     qcow2-direct, qcow2-cached, qcow2 (both); qcow2 cells run only when a
+                     pattern names them (not in the default run, --quick or a '*' backend)
                      e.g. --only null:randread:aio  or  --only file-direct:*:sync:j2
+                     or  --only qcow2-direct:randread:aio,file-direct:randread:aio
   --peers PEERS      comma-separated peers: blockfuse, qemu, fuser, ceiling, or exact ids like
                      blockfuse-1t, fuser-2t (default: all)
   --threads N        threads of the multi-threaded blockfuse and fuser peers (default: 2)
@@ -105,7 +108,14 @@ const BACKENDS = [
   { id: 'file-direct', kind: 'file', cache: 'none' },
   // Through the host page cache: QEMU cache.direct=off (its default), blockfuse --cache writeback.
   { id: 'file-cached', kind: 'file', cache: 'writeback' },
+  // The raw image converted to qcow2 (64 KiB clusters, every cluster allocated), same two cache
+  // modes. Opt-in (`optIn`): only when an --only pattern names the backend, so the default full
+  // run stays at its 48 cells. `raw` names the raw backend whose ceiling they share.
+  { id: 'qcow2-direct', kind: 'qcow2', cache: 'none', optIn: true, raw: 'file-direct' },
+  { id: 'qcow2-cached', kind: 'qcow2', cache: 'writeback', optIn: true, raw: 'file-cached' },
 ]
+/** Backends with an image file (everything but null). */
+const hasImage = (b) => b.kind !== 'null'
 const RWS = ['read', 'write', 'randread', 'randwrite']
 const ENGINES = {
   aio: { ioengine: 'libaio', iodepth: 16 },
@@ -132,6 +142,7 @@ function buildMatrix(opts) {
     )
   }
   if (opts.only.length) cells = cells.filter((c) => opts.only.some((p) => cellMatches(c, p)))
+  else cells = cells.filter((c) => !c.backend.optIn)
   return cells
 }
 
@@ -140,12 +151,25 @@ const partOk = (want, have) => want === '*' || want === have
 function cellMatches(cell, pattern) {
   const [b = '*', rw = '*', engine = '*', jobs = '*'] = pattern.split(':')
   const ok = partOk
+  // Opt-in backends must be named: a '*' backend part keeps selecting only the default ones.
+  if (cell.backend.optIn && b === '*') return false
   return (
     (ok(b, cell.backend.id) || cell.backend.id.startsWith(`${b}-`)) &&
     ok(rw, cell.rw) &&
     ok(engine, cell.engine) &&
     ok(jobs === '*' ? jobs : jobs.replace(/^j?/, 'j'), `j${cell.jobs}`)
   )
+}
+
+/**
+ * Whether `peer` runs in the cells of `backend`. The ceiling is fio on the raw image: qcow2 cells
+ * reuse the ceiling of the raw backend with the same cache mode (the report marks it) instead of
+ * measuring it again. bench-fuser serves raw images and null only.
+ */
+function peerRuns(peer, backend) {
+  if (peer.family === 'ceiling') return backend.kind === 'file'
+  if (peer.family === 'fuser') return backend.kind !== 'qcow2'
+  return true
 }
 
 function peerList(opts) {
@@ -398,6 +422,28 @@ function ensureImage(image, size) {
   fs.truncateSync(image, size)
 }
 
+/**
+ * The qcow2 bench image: `qemu-img convert -O qcow2 -o cluster_size=64k` of the raw image, so every
+ * cluster is allocated (reads hit data, writes overwrite allocated clusters: no allocation in the
+ * measured path). Reused while `qemu-img check` passes and its virtual size is right.
+ */
+function ensureQcow2(qcow2, rawImage, size) {
+  if (fs.existsSync(qcow2)) {
+    const info = run('qemu-img', ['info', '--output=json', '-U', qcow2], { allowFail: true })
+    let ok = false
+    try {
+      const j = JSON.parse(info.stdout)
+      ok = j.format === 'qcow2' && j['virtual-size'] === size && j['cluster-size'] === 65536
+    } catch {}
+    if (ok) ok = run('qemu-img', ['check', '-q', qcow2], { allowFail: true }).status === 0
+    if (ok) return
+    process.stderr.write(`bench: ${qcow2} is stale or fails qemu-img check, recreating it\n`)
+  }
+  process.stderr.write(`bench: creating ${qcow2} from ${rawImage}\n`)
+  fs.rmSync(qcow2, { force: true })
+  run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=64k', rawImage, qcow2])
+}
+
 /** Writes back dirty pages of the image so no run pays for an earlier run's writes. */
 function syncImage(image) {
   const fd = fs.openSync(image, 'r')
@@ -429,6 +475,7 @@ function serverCommand(peer, backend, image, mnt, opts) {
       const args = [path.join(ROOT, 'dist', 'cli.js'), 'export', '--writable', '--threads', String(peer.threads)]
       // An explicit format: no probing of the image's first sector.
       if (backend.kind === 'file') args.push('--format', 'raw', '--cache', backend.cache)
+      if (backend.kind === 'qcow2') args.push('--format', 'qcow2', '--cache', backend.cache)
       args.push(backend.kind === 'null' ? `null:${size}` : image, mnt)
       return { cmd: process.execPath, args, ready: 'line' }
     }
@@ -439,12 +486,19 @@ function serverCommand(peer, backend, image, mnt, opts) {
       return { cmd: path.join(ROOT, 'target', 'release', 'bench-fuser'), args, ready: 'line' }
     }
     case 'qemu': {
-      const blockdev =
+      const direct = backend.cache === 'none' ? 'on' : 'off'
+      const blockdevs =
         backend.kind === 'null'
-          ? `null-co,node-name=n,size=${parseSize(size)},read-zeroes=on`
-          : `file,node-name=n,filename=${image},cache.direct=${backend.cache === 'none' ? 'on' : 'off'}`
+          ? [`null-co,node-name=n,size=${parseSize(size)},read-zeroes=on`]
+          : backend.kind === 'qcow2'
+            ? // locking=off: blockfuse has the same image open while QEMU serves it (all servers of a
+              // group stay mounted). Safe here as every cluster is allocated, so no peer changes
+              // the qcow2 metadata; only data clusters are overwritten.
+              [`file,node-name=f,filename=${image},cache.direct=${direct},locking=off`, 'qcow2,node-name=n,file=f']
+            : [`file,node-name=n,filename=${image},cache.direct=${direct}`]
       const exp = `fuse,id=e,node-name=n,mountpoint=${mnt},writable=on,allow-other=off`
-      return { cmd: 'qemu-storage-daemon', args: ['--blockdev', blockdev, '--export', exp], ready: 'mount' }
+      const args = [...blockdevs.flatMap((b) => ['--blockdev', b]), '--export', exp]
+      return { cmd: 'qemu-storage-daemon', args, ready: 'mount' }
     }
     default:
       throw new Error(`no server for ${peer.id}`)
@@ -552,7 +606,7 @@ async function measure({ cell, peer, server, image, opts, tmp }) {
   // The ceiling for page-cache mode is buffered I/O on the image (what the servers do there);
   // everything else is O_DIRECT from fio's side.
   const direct = peer.family === 'ceiling' && cell.backend.cache === 'writeback' ? 0 : 1
-  if (cell.backend.kind === 'file') syncImage(image)
+  if (hasImage(cell.backend)) syncImage(image)
   const output = path.join(tmp, 'fio.json')
   fs.rmSync(output, { force: true })
   const args = fioArgs({
@@ -601,7 +655,12 @@ async function measure({ cell, peer, server, image, opts, tmp }) {
 async function main() {
   const opts = parseCli(process.argv.slice(2))
   const cells = buildMatrix(opts)
-  const peers = preflight(opts, peerList(opts), cells)
+  // Peers that run in none of the selected cells (e.g. fuser for qcow2-only) are not prepared.
+  const peers = preflight(
+    opts,
+    peerList(opts).filter((p) => !cells.length || cells.some((c) => peerRuns(p, c.backend))),
+    cells,
+  )
   const { workDir } = opts
   const mntDir = path.join(workDir, 'mnt')
   const tmp = path.join(workDir, 'tmp')
@@ -612,7 +671,8 @@ async function main() {
     const m = path.join(mntDir, f)
     if (isMounted(m)) run('umount', ['-l', m], { allowFail: true })
   }
-  const image = path.join(workDir, 'image.raw')
+  const rawImage = path.join(workDir, 'image.raw')
+  const qcow2Image = path.join(workDir, 'image.qcow2')
   const size = parseSize(opts.imageSize)
   const machine = machineInfo(opts, workDir)
 
@@ -620,8 +680,7 @@ async function main() {
     (g) => g.cells.length,
   )
   const nRuns = groups.reduce(
-    (n, g) =>
-      n + g.cells.length * opts.reps * peers.filter((p) => p.family !== 'ceiling' || g.backend.kind === 'file').length,
+    (n, g) => n + g.cells.length * opts.reps * peers.filter((p) => peerRuns(p, g.backend)).length,
     0,
   )
   const eta = Math.round((nRuns * (opts.runtime + opts.ramp + 0.35)) / 60)
@@ -635,9 +694,11 @@ async function main() {
   const t0 = Date.now()
   for (const g of groups) {
     const { backend } = g
-    const groupPeers = peers.filter((p) => p.family !== 'ceiling' || backend.kind === 'file')
-    if (backend.kind === 'file') {
-      ensureImage(image, size)
+    const groupPeers = peers.filter((p) => peerRuns(p, backend))
+    const image = backend.kind === 'qcow2' ? qcow2Image : rawImage
+    if (hasImage(backend)) {
+      ensureImage(rawImage, size)
+      if (backend.kind === 'qcow2') ensureQcow2(qcow2Image, rawImage, size)
       prepareCache(image, backend)
     }
     // All servers of a group stay mounted side by side (idle ones sit in read(2) on /dev/fuse),
@@ -699,7 +760,8 @@ async function main() {
     id: c.id,
     peers: Object.fromEntries([...(results.get(c.id) ?? new Map())].map(([pid, runs]) => [pid, summarise(runs)])),
   }))
-  const { summary, detail } = renderTables(summaryCells, peerList({ ...opts, peers: [] }), opts.threads)
+  const rawOf = Object.fromEntries(BACKENDS.filter((b) => b.raw).map((b) => [b.id, b.raw]))
+  const { summary, detail, formats } = renderTables(summaryCells, peerList({ ...opts, peers: [] }), opts.threads, rawOf)
   const title = opts.quick ? 'blockfuse bench (quick)' : 'blockfuse bench'
   const md = [
     `# ${title}: ${machine.date.slice(0, 10)}`,
@@ -713,6 +775,7 @@ async function main() {
     '',
     summary,
     '',
+    ...(formats ? [formats, ''] : []),
     '## Per peer',
     '',
     'Server CPU = utime+stime of the server process during the fio run, per I/O (median of runs); peak RSS = VmHWM, reset before each run (max of runs).',

@@ -61,8 +61,14 @@ function cellText(s) {
  * (one row per cell and peer). `cells` is `[{ id, peers: { [peerId]: summary } }]`, `peers` the
  * ordered `[{ id, label }]`, `nThreads` the N of the multi-threaded peers.
  */
-export function renderTables(cells, peers, nThreads) {
+export function renderTables(cells, peers, nThreads, rawOf = {}) {
   const present = peers.filter((p) => cells.some((c) => c.peers[p.id]))
+  const byId = new Map(cells.map((c) => [c.id, c]))
+  // A qcow2 cell's counterpart on the raw image: `qcow2-direct:rw:engine:jN` -> `file-direct:...`.
+  const rawCell = (id) => {
+    const [b, ...rest] = id.split(':')
+    return rawOf[b] ? byId.get([rawOf[b], ...rest].join(':')) : undefined
+  }
   const bf1 = `blockfuse-1t`
   const bfN = `blockfuse-${nThreads}t`
   const lines = []
@@ -71,17 +77,49 @@ export function renderTables(cells, peers, nThreads) {
   lines.push(`|${head.map((_, i) => (i === 0 ? ':---' : '---:')).join('|')}|`)
   for (const c of cells) {
     const get = (id) => c.peers[id]?.iops
-    const bestBf = Math.max(get(bf1) ?? NaN, get(bfN) ?? NaN)
+    const bestBf = Math.max(...[get(bf1), get(bfN)].filter((x) => Number.isFinite(x)))
+    // qcow2 cells have no ceiling of their own: they reuse the raw cell's (same cache mode), marked ¹.
+    const reused = !c.peers.ceiling && rawOf[c.id.split(':')[0]] ? rawCell(c.id)?.peers.ceiling : undefined
     const row = [
       `\`${c.id}\``,
-      ...present.map((p) => cellText(c.peers[p.id])),
+      ...present.map((p) => (p.id === 'ceiling' && reused ? `${cellText(reused)} ¹` : cellText(c.peers[p.id]))),
       ratio(get(bf1), get('qemu')),
       ratio(get(bfN), get('qemu')),
-      ratio(bestBf, get('ceiling')),
+      reused ? `${ratio(bestBf, reused.iops)} ¹` : ratio(bestBf, get('ceiling')),
     ]
     lines.push(`| ${row.join(' | ')} |`)
   }
+  if (cells.some((c) => rawOf[c.id.split(':')[0]])) {
+    lines.push('')
+    lines.push(
+      "qcow2 cells: no ceiling of their own; ¹ = the raw image's ceiling of the same cache mode (fio on image.raw), when that raw cell ran too, else —.",
+    )
+  }
   const summary = lines.join('\n')
+
+  // qcow2 / raw: the same cell on the qcow2 image against the raw image, per server.
+  const pairs = cells.map((c) => [c, rawCell(c.id)]).filter(([, r]) => r)
+  let formats = ''
+  if (cells.some((c) => rawOf[c.id.split(':')[0]])) {
+    const f = []
+    f.push(`## qcow2 / raw (IOPS medians, same run)`)
+    f.push('')
+    if (!pairs.length) {
+      f.push('No qcow2 cell ran together with its raw counterpart (add e.g. `file-direct:randread:aio` to `--only`).')
+    } else {
+      const nq = (c, id) => c.peers[id]?.iops
+      f.push(
+        `| qcow2 cell | raw bf 1t | qcow2 bf 1t | qcow2 / raw (bf 1t) | qcow2 / raw (bf ${nThreads}t) | qcow2 / raw (QEMU) |`,
+      )
+      f.push('|:---|---:|---:|---:|---:|---:|')
+      for (const [q, r] of pairs) {
+        f.push(
+          `| \`${q.id}\` | ${kilo(nq(r, bf1))} | ${kilo(nq(q, bf1))} | ${ratio(nq(q, bf1), nq(r, bf1))} | ${ratio(nq(q, bfN), nq(r, bfN))} | ${ratio(nq(q, 'qemu'), nq(r, 'qemu'))} |`,
+        )
+      }
+    }
+    formats = f.join('\n')
+  }
 
   const d = []
   d.push('| cell | peer | IOPS (median) | IOPS min–max | runs | server CPU µs/IO | server peak RSS MiB |')
@@ -97,7 +135,7 @@ export function renderTables(cells, peers, nThreads) {
       )
     }
   }
-  return { summary, detail: d.join('\n') }
+  return { summary, detail: d.join('\n'), formats }
 }
 
 /** The machine block printed above every table. */
