@@ -312,7 +312,8 @@ fn encode_reply(unique: u64, outcome: Outcome, small: &[u8], area: &[u8]) {
 }
 
 /// Well-formed inputs for every opcode the export implements, and a few streams: the seed
-/// corpus (`fuzz/seeds/request_stream/`, written by the ignored test `write_fuzz_seeds`).
+/// corpus (`fuzz/seeds/request_stream/`, rewritten by
+/// `BLOCKFUSE_WRITE_FUZZ_SEEDS=1 cargo test --test fuzz_regressions`).
 pub fn seeds() -> Vec<(String, Vec<u8>)> {
     fn req(op: u32, unique: u64, body: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();

@@ -51,8 +51,13 @@ fn every_past_fuzz_finding_is_handled() {
     assert!(n >= 1, "fuzz/regressions/request_stream/ holds the findings; it cannot be empty");
 }
 
+/// Set BLOCKFUSE_WRITE_FUZZ_SEEDS=1 to (re)write the seed corpus from `harness::seeds()` first:
+/// `BLOCKFUSE_WRITE_FUZZ_SEEDS=1 cargo test -p blockfuse-core --test fuzz_regressions`.
 #[test]
 fn the_committed_seed_corpus_is_current_and_passes() {
+    if std::env::var_os("BLOCKFUSE_WRITE_FUZZ_SEEDS").is_some() {
+        write_fuzz_seeds();
+    }
     let on_disk = inputs(&fuzz_dir("seeds"));
     let generated = harness::seeds();
     let names: Vec<_> = on_disk
@@ -61,8 +66,13 @@ fn the_committed_seed_corpus_is_current_and_passes() {
         .collect();
     for (name, data) in &generated {
         let i = names.iter().position(|n| n == name);
-        let i = i.unwrap_or_else(|| panic!("seed {name} is missing: run write_fuzz_seeds"));
-        assert_eq!(&on_disk[i].1, data, "seed {name} is stale: run write_fuzz_seeds");
+        let i = i.unwrap_or_else(|| {
+            panic!("seed {name} is missing: rerun with BLOCKFUSE_WRITE_FUZZ_SEEDS=1")
+        });
+        assert_eq!(
+            &on_disk[i].1, data,
+            "seed {name} is stale: rerun with BLOCKFUSE_WRITE_FUZZ_SEEDS=1"
+        );
     }
     replay("seed", on_disk);
 }
@@ -73,9 +83,6 @@ fn inputs_shorter_than_the_configuration_are_ignored() {
     harness::run_one(&[0xff]);
 }
 
-/// `cargo test -p blockfuse-core --test fuzz_regressions -- --ignored write_fuzz_seeds`
-#[test]
-#[ignore = "writes the seed corpus"]
 fn write_fuzz_seeds() {
     let dir = fuzz_dir("seeds");
     std::fs::create_dir_all(&dir).unwrap();
