@@ -161,8 +161,16 @@ async function signalUnderLoad(t: ExecutionContext, signal: NodeJS.Signals): Pro
   t.is(exit.code, 0, cli.output)
   t.is(cli.stdout.trim().split('\n').at(-1), 'closed')
   t.false(await isMounted(f.mountpoint), 'unmounted')
-  t.deepEqual(codes, Array(WRITERS).fill(0), writers.map((w) => w.stderr).join(''))
-  for (const w of writers) t.regex(w.stderr, /^error (ENOENT|ENOTCONN|ECONNABORTED|EIO|ENODEV|EBADF)\n$/)
+  // 0: stopped by an error once the export was gone; 3: a fast writer finished all its blocks
+  // before the signal (possible when the others were starved). At least one was mid-load.
+  t.true(
+    codes.every((c) => c === 0 || c === 3),
+    `writer exit codes ${codes.join(',')}: ${writers.map((w) => w.stderr).join('')}`,
+  )
+  t.true(codes.includes(0), 'the signal came while writes were in flight')
+  writers.forEach((w, i) => {
+    if (codes[i] === 0) t.regex(w.stderr, /^error (ENOENT|ENOTCONN|ECONNABORTED|EIO|ENODEV|EBADF)\n$/)
+  })
 
   const image = await readFile(f.image)
   let total = 0
