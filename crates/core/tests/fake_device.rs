@@ -2,14 +2,11 @@
 //! boundaries, like /dev/fuse) is served by a real queue, the other end plays the kernel. Crafted
 //! requests go in, exact reply bytes come out; malformed streams halt the queue.
 
-use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
-use std::time::Duration;
 
 use blockfuse_core::backend::{Backend, BlockBackend, CacheMode, MemoryBackend};
 use blockfuse_core::config::{self, ExportConfig, Source};
@@ -18,41 +15,15 @@ use blockfuse_core::protocol::abi::opcode::*;
 use blockfuse_core::transport::queue::{run_queue, Shared, StopCause, WORKERS_PER_QUEUE};
 use blockfuse_core::transport::{Session, SessionEvent};
 
-const MAX_WRITE: usize = 64 << 10;
+mod common;
+use common::*;
+
 const IMAGE_LEN: usize = 256 << 10;
 const UID: u32 = 1234;
 const GID: u32 = 5678;
-/// Bound on every wait: a queue that does not answer, stop or return within it has failed.
-const WAIT: Duration = Duration::from_secs(5);
 
 const ENOSYS: i32 = libc::ENOSYS;
 const EINVAL: i32 = libc::EINVAL;
-
-/// The kernel's end and the queue's end of a fake device.
-fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` is a valid out-array of two ints for the duration of the call.
-    let r = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    assert_eq!(r, 0, "socketpair failed: {}", io::Error::last_os_error());
-    // SAFETY: socketpair just created both fds; nobody else owns them.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-}
-
-/// The kernel's end. std has no SEQPACKET type; UnixDatagram's send/recv are the same syscalls
-/// and keep the message boundaries the socket type gives.
-fn kernel_end(fd: OwnedFd) -> UnixDatagram {
-    let sock = UnixDatagram::from(fd);
-    sock.set_read_timeout(Some(WAIT)).unwrap();
-    sock.set_write_timeout(Some(WAIT)).unwrap();
-    sock
-}
 
 /// A pattern with no zero bytes, so zeros in a reply mean something.
 fn pattern(len: usize) -> Vec<u8> {
@@ -73,144 +44,6 @@ fn memory_export(opts: ExportOptions) -> Export {
     Export::new(Backend::Memory(MemoryBackend::new(pattern(IMAGE_LEN))), opts, UID, GID)
 }
 
-/// A queue served by `run_queue` on its own thread.
-struct Queue {
-    kernel: UnixDatagram,
-    shared: Arc<Shared>,
-    stops: Receiver<StopCause>,
-    returned: Receiver<io::Result<()>>,
-}
-
-impl Queue {
-    /// Starts a queue; `pending` messages are in the device before the queue first reads.
-    fn start(export: Export, pending: &[&[u8]]) -> Queue {
-        let (ours, theirs) = seqpacket_pair();
-        let kernel = kernel_end(theirs);
-        for m in pending {
-            send(&kernel, m);
-        }
-        let (stop_tx, stops) = mpsc::channel();
-        let on_stop = Box::new(move |cause: StopCause| {
-            let _ = stop_tx.send(cause);
-        });
-        let shared = Arc::new(Shared::new(export, MAX_WRITE, on_stop));
-        let (ret_tx, returned) = mpsc::channel();
-        let queue_shared = shared.clone();
-        std::thread::Builder::new()
-            .name("fake-device-queue".into())
-            .spawn(move || {
-                let _ = ret_tx.send(run_queue(ours, queue_shared));
-            })
-            .unwrap();
-        Queue { kernel, shared, stops, returned }
-    }
-
-    fn send(&self, msg: &[u8]) {
-        send(&self.kernel, msg);
-    }
-
-    /// The next reply; fails the test if none comes within [`WAIT`].
-    fn recv(&self) -> Vec<u8> {
-        let reply = recv(&self.kernel).expect("no reply within the time limit");
-        assert!(!reply.is_empty(), "the queue closed the device instead of answering");
-        reply
-    }
-
-    /// Sends one request and returns its reply.
-    fn call(&self, msg: &[u8]) -> Vec<u8> {
-        self.send(msg);
-        self.recv()
-    }
-
-    fn memory(&self) -> &MemoryBackend {
-        match self.shared.export.backend() {
-            Backend::Memory(m) => m,
-            _ => unreachable!(),
-        }
-    }
-
-    /// Waits (bounded) for `run_queue` to return.
-    fn returned(&self) -> io::Result<()> {
-        match self.returned.recv_timeout(WAIT) {
-            Ok(r) => r,
-            Err(RecvTimeoutError::Timeout) => panic!("run_queue did not return within {WAIT:?}"),
-            Err(RecvTimeoutError::Disconnected) => panic!("the queue thread panicked"),
-        }
-    }
-
-    /// Waits (bounded) for the queue to report that it stopped by itself.
-    fn stop_cause(&self) -> StopCause {
-        self.stops.recv_timeout(WAIT).expect("no stop reported within the time limit")
-    }
-
-    /// After the queue returned: it reported no stop of its own, and closed the device without
-    /// answering anything more.
-    fn assert_closed_without_reply(&self) {
-        match recv(&self.kernel) {
-            Some(r) if r.is_empty() => {}
-            Some(r) => panic!("got a reply after the queue stopped: {r:?}"),
-            None => panic!("the device is still open after run_queue returned"),
-        }
-    }
-}
-
-fn send(sock: &UnixDatagram, msg: &[u8]) {
-    assert!(msg.len() <= MAX_WRITE + 80, "a crafted message would be truncated by the socket");
-    assert_eq!(sock.send(msg).expect("send to the fake device"), msg.len());
-}
-
-/// One message; `Some(empty)` at end of stream, `None` on timeout.
-fn recv(sock: &UnixDatagram) -> Option<Vec<u8>> {
-    let mut buf = vec![0u8; 2 * MAX_WRITE];
-    match sock.recv(&mut buf) {
-        Ok(n) => {
-            buf.truncate(n);
-            Some(buf)
-        }
-        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => None,
-        // The queue closed its end with requests still unread in it.
-        Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => Some(Vec::new()),
-        Err(e) => panic!("recv from the fake device: {e}"),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Requests and replies, byte by byte (include/uapi/linux/fuse.h)
-
-/// `fuse_in_header` with `len` = the real size, then `body`.
-fn request(opcode: u32, unique: u64, body: &[u8]) -> Vec<u8> {
-    with_len(opcode, unique, body, (40 + body.len()) as u32)
-}
-
-/// As [`request`] but with the header claiming `len` bytes.
-fn with_len(opcode: u32, unique: u64, body: &[u8], len: u32) -> Vec<u8> {
-    let mut v = Vec::with_capacity(40 + body.len());
-    v.extend_from_slice(&len.to_ne_bytes());
-    v.extend_from_slice(&opcode.to_ne_bytes());
-    v.extend_from_slice(&unique.to_ne_bytes());
-    v.extend_from_slice(&1u64.to_ne_bytes()); // nodeid
-    v.extend_from_slice(&UID.to_ne_bytes());
-    v.extend_from_slice(&GID.to_ne_bytes());
-    v.extend_from_slice(&4242u32.to_ne_bytes()); // pid
-    v.extend_from_slice(&[0; 4]); // total_extlen, padding
-    v.extend_from_slice(body);
-    v
-}
-
-/// `fuse_read_in` / `fuse_write_in` (same 40-byte layout), then an optional payload.
-fn rw(opcode: u32, unique: u64, offset: u64, size: u32, payload: &[u8]) -> Vec<u8> {
-    let mut b = Vec::new();
-    b.extend_from_slice(&7u64.to_ne_bytes()); // fh
-    b.extend_from_slice(&offset.to_ne_bytes());
-    b.extend_from_slice(&size.to_ne_bytes());
-    b.extend_from_slice(&0u32.to_ne_bytes()); // read_flags / write_flags
-    b.extend_from_slice(&0u64.to_ne_bytes()); // lock_owner
-    b.extend_from_slice(&2u32.to_ne_bytes()); // flags
-    b.extend_from_slice(&0u32.to_ne_bytes()); // padding
-    b.extend_from_slice(payload);
-    request(opcode, unique, &b)
-}
-
 fn read_req(unique: u64, offset: u64, size: u32) -> Vec<u8> {
     rw(FUSE_READ, unique, offset, size, &[])
 }
@@ -222,16 +55,6 @@ fn write_req(unique: u64, offset: u64, payload: &[u8]) -> Vec<u8> {
 fn getattr_req(unique: u64) -> Vec<u8> {
     // fuse_getattr_in: getattr_flags, dummy, fh.
     request(FUSE_GETATTR, unique, &[0; 16])
-}
-
-/// `fuse_out_header` followed by `body`.
-fn reply(error: i32, unique: u64, body: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    v.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
-    v.extend_from_slice(&error.to_ne_bytes());
-    v.extend_from_slice(&unique.to_ne_bytes());
-    v.extend_from_slice(body);
-    v
 }
 
 fn error_reply(errno: i32, unique: u64) -> Vec<u8> {
@@ -713,12 +536,6 @@ fn truncate_req(unique: u64, size: u64) -> Vec<u8> {
     b[..4].copy_from_slice(&(1u32 << 3).to_ne_bytes()); // FATTR_SIZE
     b[16..24].copy_from_slice(&size.to_ne_bytes());
     request(FUSE_SETATTR, unique, &b)
-}
-
-fn write_out(n: u32) -> Vec<u8> {
-    let mut v = n.to_ne_bytes().to_vec();
-    v.extend_from_slice(&[0; 4]);
-    v
 }
 
 const KIB: u64 = 1024;

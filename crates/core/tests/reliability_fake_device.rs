@@ -4,21 +4,17 @@
 //! halt or a stop while delayed requests are in flight). tests/fake_device.rs covers the framing
 //! halts (short header, length mismatch, giant length, oversized message) and the random stream.
 
-use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::net::UnixDatagram;
-use std::sync::mpsc::{self, Receiver};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockfuse_core::backend::{Backend, FaultBackend, FaultSpec, MemoryBackend, NullBackend};
 use blockfuse_core::export::{Export, ExportOptions};
 use blockfuse_core::protocol::abi::opcode::*;
-use blockfuse_core::transport::queue::{run_queue, Shared, StopCause};
+use blockfuse_core::transport::queue::StopCause;
 
-const MAX_WRITE: usize = 64 << 10;
+mod common;
+use common::*;
+
 const IMAGE_LEN: usize = 256 << 10;
-const WAIT: Duration = Duration::from_secs(5);
 
 fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 % 253) as u8 + 1).collect()
@@ -42,63 +38,12 @@ fn faulty(spec: &str) -> Backend {
     Backend::Fault(FaultBackend::new(memory(), FaultSpec::parse(spec).unwrap()).unwrap())
 }
 
-struct Queue {
-    kernel: UnixDatagram,
-    shared: Arc<Shared>,
-    stops: Receiver<StopCause>,
-    returned: Receiver<io::Result<()>>,
+/// A queue over a fake device serving `backend` with `opts`.
+fn start(backend: Backend, opts: ExportOptions) -> Queue {
+    Queue::start(Export::new(backend, opts, 1000, 1000), &[])
 }
 
 impl Queue {
-    fn start(backend: Backend, opts: ExportOptions) -> Queue {
-        let mut fds = [0; 2];
-        // SAFETY: `fds` is a valid out-array of two ints for the duration of the call.
-        let r = unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-                0,
-                &mut fds[0],
-            )
-        };
-        assert_eq!(r, 0, "socketpair: {}", io::Error::last_os_error());
-        // SAFETY: socketpair just created both fds; nobody else owns them.
-        let (ours, theirs) =
-            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let kernel = UnixDatagram::from(theirs);
-        kernel.set_read_timeout(Some(WAIT)).unwrap();
-        kernel.set_write_timeout(Some(WAIT)).unwrap();
-        let (stop_tx, stops) = mpsc::channel();
-        let on_stop = Box::new(move |c: StopCause| {
-            let _ = stop_tx.send(c);
-        });
-        let export = Export::new(backend, opts, 1000, 1000);
-        let shared = Arc::new(Shared::new(export, MAX_WRITE, on_stop));
-        let (ret_tx, returned) = mpsc::channel();
-        let s = shared.clone();
-        std::thread::spawn(move || {
-            let _ = ret_tx.send(run_queue(ours, s));
-        });
-        Queue { kernel, shared, stops, returned }
-    }
-
-    fn send(&self, msg: &[u8]) {
-        assert_eq!(self.kernel.send(msg).expect("send"), msg.len());
-    }
-
-    fn recv(&self) -> Vec<u8> {
-        let mut buf = vec![0u8; 2 * MAX_WRITE];
-        let n = self.kernel.recv(&mut buf).expect("no reply within the time limit");
-        assert!(n > 0, "the queue closed the device instead of answering");
-        buf.truncate(n);
-        buf
-    }
-
-    fn call(&self, msg: &[u8]) -> Vec<u8> {
-        self.send(msg);
-        self.recv()
-    }
-
     fn fault(&self) -> &FaultBackend {
         match self.shared.export.backend() {
             Backend::Fault(f) => f,
@@ -119,56 +64,16 @@ impl Queue {
 
     fn stop(&self) {
         self.shared.request_stop();
-        self.returned();
+        self.returned().unwrap();
     }
-
-    fn returned(&self) {
-        self.returned.recv_timeout(WAIT).expect("run_queue did not return in time").unwrap();
-    }
-}
-
-fn request(opcode: u32, unique: u64, body: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(40 + body.len());
-    v.extend_from_slice(&((40 + body.len()) as u32).to_ne_bytes());
-    v.extend_from_slice(&opcode.to_ne_bytes());
-    v.extend_from_slice(&unique.to_ne_bytes());
-    v.extend_from_slice(&1u64.to_ne_bytes());
-    v.extend_from_slice(&1000u32.to_ne_bytes());
-    v.extend_from_slice(&1000u32.to_ne_bytes());
-    v.extend_from_slice(&[0; 8]);
-    v.extend_from_slice(body);
-    v
 }
 
 fn words(ws: &[u64]) -> Vec<u8> {
     ws.iter().flat_map(|w| w.to_ne_bytes()).collect()
 }
 
-/// `fuse_read_in` / `fuse_write_in` and an optional payload.
-fn rw(opcode: u32, unique: u64, offset: u64, size: u32, payload: &[u8]) -> Vec<u8> {
-    let mut b = words(&[7, offset]);
-    b.extend_from_slice(&size.to_ne_bytes());
-    b.extend_from_slice(&[0; 20]);
-    b.extend_from_slice(payload);
-    request(opcode, unique, &b)
-}
-
-fn reply(error: i32, unique: u64, body: &[u8]) -> Vec<u8> {
-    let mut v = ((16 + body.len()) as u32).to_ne_bytes().to_vec();
-    v.extend_from_slice(&error.to_ne_bytes());
-    v.extend_from_slice(&unique.to_ne_bytes());
-    v.extend_from_slice(body);
-    v
-}
-
 fn error(errno: i32, unique: u64) -> Vec<u8> {
     reply(-errno, unique, &[])
-}
-
-fn write_out(n: u32) -> Vec<u8> {
-    let mut v = n.to_ne_bytes().to_vec();
-    v.extend_from_slice(&[0; 4]);
-    v
 }
 
 fn unique_of(r: &[u8]) -> u64 {
@@ -201,7 +106,7 @@ fn full_bodies() -> Vec<(u32, &'static str, Vec<u8>)> {
 
 #[test]
 fn every_op_struct_cut_short_gets_einval_and_the_queue_serves_on() {
-    let q = Queue::start(memory(), options(true));
+    let q = start(memory(), options(true));
     let mut unique = 100;
     for (op, name, body) in full_bodies() {
         // One byte short, half, and no body at all.
@@ -230,7 +135,7 @@ fn every_op_struct_cut_short_gets_einval_and_the_queue_serves_on() {
 
 #[test]
 fn a_read_only_export_refuses_every_change_with_exact_errors() {
-    let q = Queue::start(memory(), options(false));
+    let q = start(memory(), options(false));
     let w = q.call(&rw(FUSE_WRITE, 1, 0, 4, b"evil"));
     assert_eq!(w, error(libc::EACCES, 1));
     let punch = request(FUSE_FALLOCATE, 2, &words(&[7, 0, 4096, 0x03]));
@@ -249,7 +154,7 @@ fn a_read_only_export_refuses_every_change_with_exact_errors() {
 
 #[test]
 fn out_of_range_offsets_get_exact_answers() {
-    let q = Queue::start(memory(), options(true));
+    let q = start(memory(), options(true));
     let len = IMAGE_LEN as u64;
     // READ: at EOF and far past it empty, across EOF short.
     assert_eq!(q.call(&rw(FUSE_READ, 1, len, 100, &[])), reply(0, 1, &[]));
@@ -276,8 +181,7 @@ fn out_of_range_offsets_get_exact_answers() {
 
 #[test]
 fn backend_faults_fail_exactly_the_affected_requests() {
-    let q =
-        Queue::start(faulty("eio@4096-8192,enospc@64K-128K:w,edquot@200K-201K:r"), options(true));
+    let q = start(faulty("eio@4096-8192,enospc@64K-128K:w,edquot@200K-201K:r"), options(true));
     let image = pattern(IMAGE_LEN);
     let mut unique = 0;
     let mut read = |off: u64, size: u32| {
@@ -330,7 +234,7 @@ fn backend_faults_fail_exactly_the_affected_requests() {
 
 #[test]
 fn a_failing_flush_reaches_fsync_and_flush() {
-    let q = Queue::start(faulty("flush=eio"), options(true));
+    let q = start(faulty("flush=eio"), options(true));
     assert_eq!(q.call(&rw(FUSE_WRITE, 1, 0, 2, b"ok")), reply(0, 1, &write_out(2)));
     assert_eq!(q.call(&request(FUSE_FSYNC, 2, &words(&[7, 1]))), error(libc::EIO, 2));
     assert_eq!(q.call(&request(FUSE_FLUSH, 3, &[0; 24])), error(libc::EIO, 3));
@@ -338,14 +242,14 @@ fn a_failing_flush_reaches_fsync_and_flush() {
 
     // writethrough: the write itself reports the failed flush.
     let wt = ExportOptions { writethrough: true, ..options(true) };
-    let q = Queue::start(faulty("flush=enospc"), wt);
+    let q = start(faulty("flush=enospc"), wt);
     assert_eq!(q.call(&rw(FUSE_WRITE, 1, 0, 2, b"ok")), error(libc::ENOSPC, 1));
     q.stop();
 }
 
 #[test]
 fn latency_delays_requests_without_stalling_intake() {
-    let q = Queue::start(faulty("delay=200ms"), options(true));
+    let q = start(faulty("delay=200ms"), options(true));
     let started = Instant::now();
     const N: u64 = 12;
     for i in 0..N {
@@ -374,7 +278,7 @@ fn latency_delays_requests_without_stalling_intake() {
 
 #[test]
 fn a_halt_with_delayed_requests_in_flight_answers_them_then_stops() {
-    let q = Queue::start(faulty("delay=300ms"), options(true));
+    let q = start(faulty("delay=300ms"), options(true));
     for i in 0..4u64 {
         q.send(&rw(FUSE_WRITE, 1 + i, i * 4096, 3, b"abc"));
     }
@@ -384,7 +288,7 @@ fn a_halt_with_delayed_requests_in_flight_answers_them_then_stops() {
     let mut answered: Vec<u64> = (0..4).map(|_| unique_of(&q.recv())).collect();
     answered.sort();
     assert_eq!(answered, [1, 2, 3, 4], "acknowledged writes in flight at the halt");
-    q.returned();
+    q.returned().unwrap();
     let image = q.image();
     for i in 0..4 {
         assert_eq!(&image[i * 4096..i * 4096 + 3], b"abc");
@@ -393,14 +297,14 @@ fn a_halt_with_delayed_requests_in_flight_answers_them_then_stops() {
 
 #[test]
 fn stopping_waits_for_delayed_requests_and_answers_each() {
-    let q = Queue::start(faulty("delay=300ms"), options(true));
+    let q = start(faulty("delay=300ms"), options(true));
     for i in 0..8u64 {
         q.send(&rw(FUSE_WRITE, 1 + i, i * 4096, 4, b"done"));
     }
     std::thread::sleep(Duration::from_millis(50));
     let started = Instant::now();
     q.shared.request_stop();
-    q.returned();
+    q.returned().unwrap();
     assert!(
         started.elapsed() >= Duration::from_millis(150),
         "stop did not wait: {:?}",
@@ -418,7 +322,7 @@ fn zeroing_or_punching_an_exabyte_is_answered_promptly() {
     // Found by the fuzzer: FALLOCATE in 1 GiB pieces over 2^62 bytes took 2^32 backend calls,
     // holding the request (and close()) for hours. Now at most 1024 pieces.
     let opts = ExportOptions { growable: true, ..options(true) };
-    let q = Queue::start(Backend::Null(NullBackend::new(1 << 62)), opts);
+    let q = start(Backend::Null(NullBackend::new(1 << 62)), opts);
     let started = Instant::now();
     for (u, mode) in [(1, 0x03), (2, 0x11), (3, 0x10)] {
         let got = q.call(&request(FUSE_FALLOCATE, u, &words(&[7, 4096, (1 << 62) - 8192, mode])));
