@@ -127,7 +127,7 @@ test('ready / SIGINT cycle: cmp sees the image, SIGINT unmounts and exits 0', as
   const before = await stat(f.mountpoint)
   const cli = startExport(t, [f.image, f.mountpoint])
   const ready = await cli.waitForLine(/^ready/)
-  t.is(ready, `ready: ${f.image} exported at ${f.mountpoint} (auto, ${4 * MiB} bytes, read-only, 1 thread)`)
+  t.is(ready, `ready: ${f.image} exported at ${f.mountpoint} (raw, ${4 * MiB} bytes, read-only, 1 thread)`)
   t.is(cli.lines.length, 1, 'exactly one line before the export is used')
   t.true(await isMounted(f.mountpoint))
   await mustRun('cmp', [f.image, f.mountpoint])
@@ -150,7 +150,7 @@ test('--json / SIGTERM cycle: one JSON object per line, SIGTERM unmounts and exi
     event: 'ready',
     mountpoint: f.mountpoint,
     source: f.image,
-    format: 'auto',
+    format: 'raw',
     size: 2 * MiB,
     writable: false,
     growable: false,
@@ -171,7 +171,7 @@ test('--json / SIGTERM cycle: one JSON object per line, SIGTERM unmounts and exi
 test('--writable: a dd write through the export is in the image afterwards', async (t) => {
   const f = await imageFixture(t, 4 * MiB)
   const cli = startExport(t, ['--writable', f.image, f.mountpoint])
-  t.regex(await cli.waitForLine(/^ready/), /\(auto, 4194304 bytes, writable, /)
+  t.regex(await cli.waitForLine(/^ready/), /\(raw, 4194304 bytes, writable, /)
   const payload = 'written through blockfuse'
   await mustRun('sh', [
     '-c',

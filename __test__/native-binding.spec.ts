@@ -70,6 +70,7 @@ const INSTANCE_MEMBERS: Record<keyof NativeExport, 'method' | 'getter'> = {
   close: 'method',
   stats: 'method',
   size: 'getter',
+  format: 'getter',
   fakeDevicePeerFd: 'getter',
 }
 const STATS_KEYS: Record<keyof NativeStats, 'object' | 'number'> = {

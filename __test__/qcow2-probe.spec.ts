@@ -46,7 +46,8 @@ test('format auto on a raw image: writing a qcow2 magic to the first sector fail
   const data = await makeImage(image, 4 * MiB)
   data[0] = 0x00 // never a magic by chance
   await writeFile(image, data)
-  await openExport(t, { source: image, mountpoint: d.mountpoint, writable: true })
+  const exp = await openExport(t, { source: image, mountpoint: d.mountpoint, writable: true })
+  t.is(exp.format, 'raw', 'probing found raw')
   t.is(await sizeOf(d.mountpoint), 4 * MiB)
 
   const refused = await ddAt(d.mountpoint, 0, QCOW2_MAGIC, d.path)
@@ -88,7 +89,7 @@ test('the CLI warns once on stderr, naming --format raw', async (t) => {
     if (cli.child.exitCode === null && cli.child.signalCode === null) await cli.stop('SIGTERM').catch(() => undefined)
     await run('umount', ['-l', d.mountpoint])
   })
-  t.regex(await cli.waitForLine(/^ready/), /\(auto, /)
+  t.regex(await cli.waitForLine(/^ready/), /\(raw, /)
   for (let i = 0; i < 2; i++) {
     const r = await ddAt(d.mountpoint, 0, QCOW2_MAGIC, d.path)
     t.regex(r.stderr, /Operation not permitted/)
@@ -104,8 +105,24 @@ test('format auto on a qcow2 image serves the disk it describes, not the file', 
   const d = await qcow2Dir(t)
   const image = d.path('disk.qcow2')
   await createQcow2(image, 64 * MiB)
-  await openExport(t, { source: image, mountpoint: d.mountpoint })
+  const exp = await openExport(t, { source: image, mountpoint: d.mountpoint })
+  t.is(exp.format, 'qcow2', 'probing found qcow2')
+  t.is(exp.options.format, 'auto', 'the options keep what was asked for')
   t.is(await sizeOf(d.mountpoint), 64 * MiB)
+})
+
+test('the CLI ready line names the probed format, not auto', async (t) => {
+  const d = await qcow2Dir(t)
+  const image = d.path('disk.qcow2')
+  await createQcow2(image, 64 * MiB)
+  const cli = new CliProcess(['export', '--json', '--allow-other', 'off', image, d.mountpoint])
+  t.teardown(async () => {
+    if (cli.child.exitCode === null && cli.child.signalCode === null) await cli.stop('SIGTERM').catch(() => undefined)
+    await run('umount', ['-l', d.mountpoint])
+  })
+  const ready = JSON.parse(await cli.waitForLine(/^\{/)) as Record<string, unknown>
+  t.like(ready, { event: 'ready', format: 'qcow2', size: 64 * MiB })
+  t.is((await cli.stop('SIGTERM')).code, 0, cli.stderr)
 })
 
 test('format auto refuses an image that looks like a format blockfuse cannot read', async (t) => {

@@ -33,11 +33,11 @@ function describeSource(exp: FuseExport): string {
 }
 
 function readyLine(exp: FuseExport): string {
-  const { format, writable, growable, threads } = exp.options
+  const { writable, growable, threads } = exp.options
   const mode = writable ? (growable ? 'writable, growable' : 'writable') : 'read-only'
   return (
     `ready: ${describeSource(exp)} exported at ${exp.mountpoint} ` +
-    `(${format}, ${exp.size} bytes, ${mode}, ${threads} ${threads === 1 ? 'thread' : 'threads'})`
+    `(${exp.format}, ${exp.size} bytes, ${mode}, ${threads} ${threads === 1 ? 'thread' : 'threads'})`
   )
 }
 
@@ -105,7 +105,7 @@ async function runExport(command: Extract<ReturnType<typeof parseCliArgs>, { kin
     event: 'ready',
     mountpoint: exp.mountpoint,
     source: describeSource(exp),
-    format: exp.options.format,
+    format: exp.format,
     size: exp.size,
     writable: exp.options.writable,
     growable: exp.options.growable,

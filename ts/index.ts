@@ -12,8 +12,15 @@ import { EventEmitter } from 'node:events'
 
 import { BlockfuseError } from './errors.js'
 import { internals, type StartNative } from './internal.js'
-import { nativeClose, nativeMount, toBlockfuseError, type NativeEvent, type NativeExport } from './native.js'
-import { resolveOptions, type FuseExportOptions, type ResolvedFuseExportOptions } from './options.js'
+import {
+  nativeClose,
+  nativeFormat,
+  nativeMount,
+  toBlockfuseError,
+  type NativeEvent,
+  type NativeExport,
+} from './native.js'
+import { resolveOptions, type FuseExportOptions, type ResolvedFuseExportOptions, type ServedFormat } from './options.js'
 import { claim, release } from './registry.js'
 
 export { BlockfuseError, isBlockfuseError } from './errors.js'
@@ -27,6 +34,7 @@ export type {
   NullSource,
   OnHalt,
   ResolvedFuseExportOptions,
+  ServedFormat,
 } from './options.js'
 
 /** Events of a {@link FuseExport}. */
@@ -84,6 +92,8 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
   readonly options: ResolvedFuseExportOptions
   /** The mountpoint (absolute real path). */
   readonly mountpoint: string
+  /** The format served: `'raw'`, `'qcow2'` or `'null'` (what probing found for `format: 'auto'`). */
+  readonly format: ServedFormat
   /** Whether the mount uses `allow_other` (how `allowOther: 'auto'` was resolved). */
   readonly allowOther: boolean
   /**
@@ -112,6 +122,7 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
     this.mountpoint = options.mountpoint
     this.allowOther = allowOther
     this.allowOtherFallback = allowOtherFallback
+    this.format = nativeFormat(native)
     this.#native = native
     // A mounted export is like a listening server: the process must not exit under it, or
     // clients would see ENOTCONN until someone unmounts by hand.

@@ -8,6 +8,7 @@
 import { createRequire } from 'node:module'
 
 import { BlockfuseError } from './errors.js'
+import type { ServedFormat } from './options.js'
 
 /** Configuration handed to the native core; every path is absolute and already checked. */
 export interface NativeExportConfig {
@@ -51,6 +52,8 @@ export interface NativeExport {
   close(): Promise<void>
   stats(): NativeStats
   readonly size: number
+  /** 'raw' | 'qcow2' | 'null': the format served ('' once closed). */
+  readonly format: string
   /** For an export made by `startFakeDevice`: the socket end that stands in for the kernel; else null. */
   readonly fakeDevicePeerFd: number | null
 }
@@ -143,4 +146,11 @@ export async function nativeClose(native: NativeExport): Promise<void> {
 /** Version of the native core. */
 export function nativeVersion(): string {
   return load().version()
+}
+
+/** The format `native` serves, checked (the native core names it; 'auto' never reaches here). */
+export function nativeFormat(native: NativeExport): ServedFormat {
+  const format = native.format
+  if (format === 'raw' || format === 'qcow2' || format === 'null') return format
+  throw new BlockfuseError('INTERNAL', `the native core reports an unknown format "${format}"`)
 }

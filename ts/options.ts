@@ -21,6 +21,8 @@ import { isExported } from './registry.js'
  * to lift that (see docs/formats.md).
  */
 export type ExportFormat = 'raw' | 'qcow2' | 'null' | 'auto'
+/** The format an export serves: what `auto` resolved to. */
+export type ServedFormat = Exclude<ExportFormat, 'auto'>
 /** Whether other users may access the export (`allow_other` mount option). */
 export type AllowOther = 'on' | 'off' | 'auto'
 /** Host cache mode for the backing file. */

@@ -293,6 +293,14 @@ impl NativeExport {
         out
     }
 
+    /// The format served: 'raw', 'qcow2' or 'null' (what probing found for 'auto'); '' once
+    /// closed.
+    #[napi(getter)]
+    pub fn format(&self) -> String {
+        let guard = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().map(|s| s.export().backend().format_name().to_string()).unwrap_or_default()
+    }
+
     /// Current size of the exported image in bytes (0 once closed).
     #[napi(getter)]
     pub fn size(&self) -> f64 {

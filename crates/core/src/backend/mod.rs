@@ -69,6 +69,20 @@ pub enum Backend {
     Fault(FaultBackend),
 }
 
+impl Backend {
+    /// The image format served: `raw`, `qcow2` or `null` (`memory` in tests). A probed image
+    /// reports what probing found.
+    pub fn format_name(&self) -> &'static str {
+        match self {
+            Backend::Raw(_) | Backend::ProbedRaw(_) => "raw",
+            Backend::Null(_) => "null",
+            Backend::Memory(_) => "memory",
+            Backend::Qcow2(_) => "qcow2",
+            Backend::Fault(f) => f.inner().format_name(),
+        }
+    }
+}
+
 macro_rules! dispatch {
     ($self:ident, $b:ident => $e:expr) => {
         match $self {
