@@ -5,19 +5,18 @@
  * the image with its pattern. Writes that fail because the export went away are expected; only
  * acknowledged writes count.
  */
-import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process'
 import { open, truncate } from 'node:fs/promises'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 
 import test from 'ava'
 
+import { ACKED_BLOCK as BLOCK, ackedPattern, startWriter } from './helpers/acked-writers.js'
 import { assertE2eEnvironment } from './helpers/env.js'
 import { makeMountpoint, tempDir } from './helpers/files.js'
 import { isMounted } from './helpers/mounts.js'
-import { C_ENV, openExport } from './helpers/semantics.js'
+import { openExport } from './helpers/semantics.js'
 
-const BLOCK = 4096
 const WRITERS = 4
 /** Blocks per writer: far more than get written before close, so the load is on when it comes. */
 const BLOCKS_PER_WRITER = 16_384
@@ -26,67 +25,6 @@ const IMAGE = WRITERS * BLOCKS_PER_WRITER * BLOCK
 const ACKS_BEFORE_CLOSE = 2000
 /** ... of which each writer has at least this many (so every writer writes through the export). */
 const ACKS_PER_WRITER_BEFORE_CLOSE = 100
-
-/**
- * One writer: blocks [first, first+count) in a shuffled order, each filled with a pattern that
- * names the block (`blockfuse <index>` at the start of every 64 bytes). Prints `<index>\n`
- * unbuffered after each pwrite that returned the full block; on the first error prints
- * `error <errno name>` to stderr and exits 0. Exit 3: it ran out of blocks before close; exit 4:
- * the file it opened is not the export (the plain mountpoint under it has another size).
- */
-const WRITER = String.raw`
-import errno, mmap, os, random, sys
-path, first, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-if os.fstat(fd).st_size != ${IMAGE}:
-    sys.stderr.write('opened a file of %d bytes, not the export\n' % os.fstat(fd).st_size)
-    sys.exit(4)
-buf = mmap.mmap(-1, ${BLOCK})
-order = list(range(first, first + count))
-random.shuffle(order)
-for i in order:
-    unit = ('blockfuse %d' % i).encode().ljust(64, b'.')
-    buf.seek(0)
-    buf.write(unit * (${BLOCK} // 64))
-    try:
-        n = os.pwrite(fd, buf, i * ${BLOCK})
-    except OSError as e:
-        sys.stderr.write('error %s\n' % errno.errorcode.get(e.errno, e.errno))
-        sys.exit(0)
-    if n != ${BLOCK}:
-        sys.stderr.write('error short write %d\n' % n)
-        sys.exit(0)
-    os.write(1, b'%d\n' % i)
-sys.exit(3)
-`
-
-function pattern(index: number): Buffer {
-  const unit = Buffer.alloc(64, '.')
-  unit.write(`blockfuse ${index}`)
-  return Buffer.concat(Array.from({ length: BLOCK / 64 }, () => unit))
-}
-
-interface Writer {
-  child: ChildProcessWithoutNullStreams
-  acked: number[]
-  stderr: string
-  exited: Promise<number | null>
-}
-
-function startWriter(path: string, first: number, count: number): Writer {
-  const child = spawn('python3', ['-c', WRITER, path, String(first), String(count)], { env: C_ENV })
-  const writer: Writer = { child, acked: [], stderr: '', exited: Promise.resolve(null) }
-  let pending = ''
-  child.stdout.setEncoding('utf8').on('data', (d: string) => {
-    const lines = (pending + d).split('\n')
-    pending = lines.pop()!
-    for (const line of lines) writer.acked.push(Number(line))
-  })
-  child.stderr.setEncoding('utf8').on('data', (d: string) => (writer.stderr += d))
-  // 'close': stdout is drained, so every acknowledgement printed is in `acked`.
-  writer.exited = new Promise((resolve) => child.on('close', (code) => resolve(code)))
-  return writer
-}
 
 test.before(() => {
   assertE2eEnvironment(['python3', 'findmnt'])
@@ -105,7 +43,7 @@ for (const threads of [1, 4]) {
       const exp = await openExport(t, { source: image, mountpoint, writable: true, threads })
 
       const writers = Array.from({ length: WRITERS }, (_, w) =>
-        startWriter(mountpoint, w * BLOCKS_PER_WRITER, BLOCKS_PER_WRITER),
+        startWriter(mountpoint, w * BLOCKS_PER_WRITER, BLOCKS_PER_WRITER, IMAGE),
       )
       t.teardown(() => writers.forEach((w) => w.child.kill('SIGKILL')))
       const acked = () => writers.reduce((n, w) => n + w.acked.length, 0)
@@ -151,7 +89,7 @@ for (const threads of [1, 4]) {
         for (const w of writers) {
           for (const index of w.acked) {
             await fh.read(buf, 0, BLOCK, index * BLOCK)
-            if (!buf.equals(pattern(index))) missing.push(index)
+            if (!buf.equals(ackedPattern(index))) missing.push(index)
           }
         }
       } finally {
@@ -160,7 +98,7 @@ for (const threads of [1, 4]) {
       t.deepEqual(missing.slice(0, 20), [], `${missing.length} of ${total} acknowledged blocks are not in the image`)
       // The check can fail: an unwritten block is zeros, not the pattern.
       const blank = Buffer.alloc(BLOCK)
-      t.false(pattern(0).equals(blank))
+      t.false(ackedPattern(0).equals(blank))
     },
   )
 }

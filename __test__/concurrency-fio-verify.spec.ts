@@ -6,7 +6,6 @@
  * the same as the whole export read back through the mount just before closing.
  */
 import { createHash } from 'node:crypto'
-import { createReadStream } from 'node:fs'
 import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
@@ -14,7 +13,8 @@ import test from 'ava'
 
 import { assertE2eEnvironment } from './helpers/env.js'
 import { imageFixture } from './helpers/exports.js'
-import { MiB } from './helpers/files.js'
+import { MiB, sha256 } from './helpers/files.js'
+import { parseFioReport } from './helpers/fio.js'
 import { run } from './helpers/run.js'
 import { C_ENV, openExport } from './helpers/semantics.js'
 
@@ -25,26 +25,6 @@ const JOBS = 2
 test.before(() => {
   assertE2eEnvironment(['fio', 'findmnt'])
 })
-
-async function sha256(path: string): Promise<string> {
-  const hash = createHash('sha256')
-  for await (const chunk of createReadStream(path, { highWaterMark: MiB })) hash.update(chunk as Buffer)
-  return hash.digest('hex')
-}
-
-interface FioJob {
-  jobname: string
-  error: number
-  read: { io_bytes: number; total_ios: number }
-  write: { io_bytes: number; total_ios: number }
-}
-
-/** fio's JSON report; fio may print warnings before it (e.g. about several writers on one file). */
-function parseFioReport(text: string): { jobs: FioJob[] } {
-  const start = text.search(/^\{/m)
-  if (start < 0) throw new Error(`fio wrote no JSON report:\n${text}`)
-  return JSON.parse(text.slice(start)) as { jobs: FioJob[] }
-}
 
 for (const threads of [1, 4]) {
   test.serial(

@@ -7,7 +7,7 @@
 import test, { type ExecutionContext } from 'ava'
 
 import { assertE2eEnvironment } from './helpers/env.js'
-import { KiB, MiB } from './helpers/files.js'
+import { KiB, MiB, sha256 } from './helpers/files.js'
 import {
   assertIdentical,
   convertToRaw,
@@ -15,7 +15,6 @@ import {
   map,
   qcow2Dir,
   qemuIo,
-  sha256,
   threeLevelChain,
   virtualSize,
   type Compat,

@@ -10,7 +10,8 @@ import { readFile } from 'node:fs/promises'
 import test from 'ava'
 
 import { assertE2eEnvironment } from './helpers/env.js'
-import { KiB, MiB } from './helpers/files.js'
+import { KiB, MiB, sha256 } from './helpers/files.js'
+import { parseFioReport } from './helpers/fio.js'
 import {
   assertClean,
   assertIdentical,
@@ -18,7 +19,6 @@ import {
   createQcow2,
   qcow2Dir,
   qemuIo,
-  sha256,
   threeLevelChain,
   virtualSize,
   type Compat,
@@ -100,13 +100,6 @@ for (const compat of ['0.10', '1.1'] as Compat[]) {
   })
 }
 
-/** fio's JSON report; fio may print warnings before it. */
-function parseFio(text: string): { jobs: Array<{ jobname: string; error: number; write: { io_bytes: number } }> } {
-  const start = text.search(/^\{/m)
-  if (start < 0) throw new Error(`fio wrote no JSON report:\n${text}`)
-  return JSON.parse(text.slice(start)) as ReturnType<typeof parseFio>
-}
-
 for (const threads of [1, 4]) {
   test.serial(
     `fio randwrite + verify=crc32c on an empty qcow2 (${threads} thread(s)): zero errors; check clean; the image equals what the export served`,
@@ -145,7 +138,7 @@ for (const threads of [1, 4]) {
         ],
         { cwd: d.dir, env: C_ENV },
       )
-      const report = parseFio(await readFile(output, 'utf8').catch(() => r.stdout))
+      const report = parseFioReport(await readFile(output, 'utf8').catch(() => r.stdout))
       t.is(r.code, 0, `fio exited ${r.code}:\n${r.stderr}`)
       for (const job of report.jobs) {
         t.is(job.error, 0, `job ${job.jobname}`)

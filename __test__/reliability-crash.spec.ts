@@ -15,7 +15,8 @@ import { assertE2eEnvironment } from './helpers/env.js'
 import { imageFixture } from './helpers/exports.js'
 import { MiB } from './helpers/files.js'
 import { isMounted } from './helpers/mounts.js'
-import { ackedPattern, startCli, startWriter, SYSTEM_PYTHON, waitUnmounted, type Cli } from './helpers/reliability.js'
+import { ackedPattern, startWriter } from './helpers/acked-writers.js'
+import { startCli, SYSTEM_PYTHON, waitUnmounted, type Cli } from './helpers/reliability.js'
 import { run } from './helpers/run.js'
 import { C_ENV, mustClient } from './helpers/semantics.js'
 
@@ -149,6 +150,7 @@ async function signalUnderLoad(t: ExecutionContext, signal: NodeJS.Signals): Pro
   const writers = Array.from({ length: WRITERS }, (_, i) =>
     startWriter(f.mountpoint, i * BLOCKS_PER_WRITER, BLOCKS_PER_WRITER),
   )
+  t.teardown(() => writers.forEach((w) => w.child.kill('SIGKILL')))
   const acked = () => writers.reduce((n, w) => n + w.acked.length, 0)
   const deadline = Date.now() + 60_000
   while (acked() < ACKS_BEFORE_SIGNAL) {

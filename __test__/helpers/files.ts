@@ -1,5 +1,6 @@
 /** Temporary directories and images with known content. */
-import { randomBytes } from 'node:crypto'
+import { createHash, randomBytes } from 'node:crypto'
+import { createReadStream } from 'node:fs'
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -42,4 +43,11 @@ export async function makeImage(path: string, size: number): Promise<Buffer> {
 /** Creates an empty regular file to mount on. */
 export async function makeMountpoint(path: string): Promise<void> {
   await writeFile(path, '')
+}
+
+/** sha256 of a file's content, streamed (images are larger than is comfortable to buffer). */
+export async function sha256(path: string): Promise<string> {
+  const hash = createHash('sha256')
+  for await (const chunk of createReadStream(path, { highWaterMark: MiB })) hash.update(chunk as Buffer)
+  return hash.digest('hex')
 }

@@ -2,13 +2,11 @@
  * qcow2 fixtures and the independent reference: images are made by qemu-img, data is written by
  * qemu-io, and what an export serves is judged by qemu-img (compare, check, map, convert).
  */
-import { createHash } from 'node:crypto'
-import { createReadStream } from 'node:fs'
 import { join } from 'node:path'
 
 import type { ExecutionContext } from 'ava'
 
-import { makeMountpoint, MiB, tempDir } from './files.js'
+import { makeMountpoint, tempDir } from './files.js'
 import { client, mustClient } from './semantics.js'
 
 /** qcow2 compatibility level: `0.10` is version 2, `1.1` is version 3. */
@@ -131,13 +129,6 @@ export async function dataRanges(image: string): Promise<Array<[number, number]>
 export async function virtualSize(image: string): Promise<number> {
   const r = await mustClient('qemu-img', ['info', '-U', '--output=json', image])
   return (JSON.parse(r.stdout) as { 'virtual-size': number })['virtual-size']
-}
-
-/** sha256 of a file's content. */
-export async function sha256(path: string): Promise<string> {
-  const hash = createHash('sha256')
-  for await (const chunk of createReadStream(path, { highWaterMark: MiB })) hash.update(chunk as Buffer)
-  return hash.digest('hex')
 }
 
 export interface Qcow2Dir {
