@@ -3,6 +3,7 @@
  * same inode, size, mode, owner, times and content, and findmnt finds nothing on it. This holds
  * even after the export's own attributes were changed (chmod, truncate, writes).
  */
+import { spawn } from 'node:child_process'
 import { chmod, readFile, stat, writeFile } from 'node:fs/promises'
 
 import test from 'ava'
@@ -11,7 +12,7 @@ import { assertE2eEnvironment } from './helpers/env.js'
 import { imageFixture } from './helpers/exports.js'
 import { MiB } from './helpers/files.js'
 import { isMounted } from './helpers/mounts.js'
-import { client, mustClient, openExport, statField } from './helpers/semantics.js'
+import { C_ENV, client, mustClient, openExport, statField } from './helpers/semantics.js'
 
 test.before(() => {
   assertE2eEnvironment(['stat', 'chmod', 'truncate', 'dd', 'findmnt'])
@@ -48,5 +49,48 @@ for (const writable of [false, true]) {
     t.is(afterNode.mtimeMs, beforeNode.mtimeMs)
     t.is(afterNode.ctimeMs, beforeNode.ctimeMs)
     t.is(await readFile(f.mountpoint, 'utf8'), content)
+  })
+}
+
+// null: requests are answered without waiting, so the idle queue sleeps in read(2) and close()
+// must end the connection to wake it; raw: after a read through the ring it waits in epoll.
+for (const [backend, threads] of [
+  ['null', 1],
+  ['raw', 1],
+  ['raw', 2],
+] as const) {
+  test(`close() while a client holds the file open and idle (${backend}, ${threads} thread(s)) returns promptly; the client then gets ENOTCONN`, async (t) => {
+    const f = await imageFixture(t, 2 * MiB)
+    const source = backend === 'null' ? { null: 2 * MiB } : f.image
+    const exp = await openExport(t, { source, mountpoint: f.mountpoint, writable: true, threads })
+    // The holder opens the export, reads a block through it, then waits on its fd while close()
+    // runs; the lazy unmount keeps the connection alive for it, so close() must end it.
+    const holder = spawn(
+      'sh',
+      [
+        '-c',
+        'exec 3<"$1"; dd bs=4k count=1 status=none <&3 >/dev/null && echo open; read _; cat <&3 >/dev/null',
+        'holder',
+        f.mountpoint,
+      ],
+      { env: C_ENV },
+    )
+    t.teardown(() => holder.kill('SIGKILL'))
+    let stderr = ''
+    holder.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d))
+    await new Promise<void>((resolve, reject) => {
+      holder.stdout.setEncoding('utf8').on('data', (d: string) => d.includes('open') && resolve())
+      holder.on('exit', (code) =>
+        reject(new Error(`the holder exited (${code}) before it opened the export: ${stderr}`)),
+      )
+    })
+    const started = Date.now()
+    await exp.close()
+    t.log(`close() took ${Date.now() - started} ms with an idle client holding the file`)
+    t.false(await isMounted(f.mountpoint))
+    const exited = new Promise<number | null>((resolve) => holder.on('close', resolve))
+    holder.stdin.end('go\n')
+    t.not(await exited, 0, 'the held fd no longer reads')
+    t.regex(stderr, /Transport endpoint is not connected/)
   })
 }

@@ -43,6 +43,9 @@ pub struct Session {
     mount: Option<(PathBuf, MountMethod)>,
     /// Removes the mount if this process dies without unmounting it.
     guard: Option<UnmountGuard>,
+    /// The connection's fusectl `abort` file, when its single queue sleeps in read(2) while
+    /// idle: the only way to wake that read if the connection outlives the unmount.
+    abort: Option<std::fs::File>,
     negotiated: Negotiated,
 }
 
@@ -80,9 +83,21 @@ impl Session {
         for _ in 1..cfg.threads {
             fds.push(clone_fd(&fds[0]).map_err(unmount_on_error)?);
         }
+        // One queue: it may sleep in a blocking read while idle, if close() can wake it.
+        let (idle, abort) = match mount::open_abort_file(&cfg.mountpoint) {
+            Some(abort) if cfg.threads == 1 => match clone_fd(&fds[0]) {
+                Ok(idle) => (Some(idle), Some(abort)),
+                Err(e) => {
+                    log::warn!("{e}; the queue waits through epoll only");
+                    (None, None)
+                }
+            },
+            _ => (None, None),
+        };
         let mut session =
-            Self::run(export, fds, Some((cfg.mountpoint, method)), negotiated, on_event)?;
+            Self::run(export, fds, idle, Some((cfg.mountpoint, method)), negotiated, on_event)?;
         session.guard = guard;
+        session.abort = abort;
         Ok(session)
     }
 
@@ -92,12 +107,13 @@ impl Session {
     pub fn serve_fake_device(export: Export, fd: OwnedFd, on_event: EventSink) -> Result<Session> {
         let negotiated =
             Negotiated { minor: KERNEL_MINOR_VERSION, flags: 0, max_write: MAX_TRANSFER };
-        Self::run(export, vec![fd], None, negotiated, on_event)
+        Self::run(export, vec![fd], None, None, negotiated, on_event)
     }
 
     fn run(
         export: Export,
         fds: Vec<OwnedFd>,
+        mut idle: Option<OwnedFd>,
         mount: Option<(PathBuf, MountMethod)>,
         negotiated: Negotiated,
         on_event: EventSink,
@@ -116,13 +132,15 @@ impl Session {
             threads: Vec::with_capacity(fds.len()),
             mount,
             guard: None,
+            abort: None,
             negotiated,
         };
         for (i, fd) in fds.into_iter().enumerate() {
             let queue_shared = session.shared.clone();
+            let queue_idle = idle.take();
             let spawned = std::thread::Builder::new()
                 .name(format!("blockfuse-q{i}"))
-                .spawn(move || run_queue_at(fd, queue_shared, i));
+                .spawn(move || run_queue_at(fd, queue_idle, queue_shared, i));
             match spawned {
                 Ok(t) => session.threads.push(t),
                 Err(e) => {
@@ -164,6 +182,7 @@ impl Session {
             }
         }
         self.shared.request_stop();
+        self.wake_idle_reader();
         let mut failure = None;
         for t in self.threads.drain(..) {
             match t.join() {
@@ -182,6 +201,34 @@ impl Session {
         flushed.map_err(|e| Error::Internal(format!("final flush failed: {e}")))
     }
 }
+
+impl Session {
+    /// A queue sleeping in read(2) while idle wakes when the connection ends. The unmount ends it
+    /// unless a client still holds the file open (the unmount is lazy); then the connection is
+    /// aborted, as closing our /dev/fuse fds would do: such clients get ENOTCONN.
+    fn wake_idle_reader(&mut self) {
+        let Some(mut abort) = self.abort.take() else { return };
+        // Only a queue with nothing in flight can be asleep in read(2); one serving requests
+        // stops after them by itself, and aborting would lose their replies.
+        let mut idle_since = std::time::Instant::now();
+        while self.threads.iter().any(|t| !t.is_finished()) {
+            if self.shared.in_flight().iter().any(|&n| n > 0) {
+                idle_since = std::time::Instant::now();
+            } else if idle_since.elapsed() >= IDLE_WAKE_GRACE {
+                use std::io::Write;
+                if let Err(e) = abort.write_all(b"1") {
+                    log::error!("cannot abort the FUSE connection to stop its queue: {e}");
+                }
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
+
+/// How long close() lets an idle queue stop by itself before it aborts the connection. When the
+/// unmount ended the connection (no client holds the file open) the queue stops at once.
+const IDLE_WAKE_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Drop for Session {
     fn drop(&mut self) {
