@@ -7,7 +7,7 @@
  */
 import { parseArgs } from 'node:util'
 
-import type { AllowOther, CacheMode, ExportFormat, FuseExportOptions, OnHalt } from './options.js'
+import type { AllowOther, CacheMode, ExportFormat, FuseExportOptions, IoUringMode, OnHalt } from './options.js'
 
 /** A command line the CLI cannot make sense of; the CLI prints usage and exits 2. */
 export class UsageError extends Error {
@@ -66,6 +66,9 @@ Options:
                                  null for null:<size>)
   --cache writeback|none         host cache for the image file (default: writeback)
   --writethrough                 flush after every write before acknowledging it
+  --io-uring auto|on|off         FUSE-over-io_uring: on (fail if unavailable), off
+                                 (read(2) on /dev/fuse), auto: io_uring when the
+                                 kernel offers it (default: auto)
   --on-halt unmount|keep         on a fatal protocol error: unmount (default) or keep
   --json                         print one JSON object per line instead of text
   --stats                        report counters once a second while running: with
@@ -84,6 +87,7 @@ const EXPORT_OPTIONS = {
   format: { type: 'string' },
   cache: { type: 'string' },
   writethrough: { type: 'boolean' },
+  'io-uring': { type: 'string' },
   'on-halt': { type: 'string' },
   json: { type: 'boolean' },
   stats: { type: 'boolean' },
@@ -131,6 +135,8 @@ function parseExport(args: string[]): CliCommand {
   if (format) options.format = format
   const cache = oneOf<CacheMode>('cache', values.cache, ['writeback', 'none'])
   if (cache) options.cache = cache
+  const ioUring = oneOf<IoUringMode>('io-uring', values['io-uring'], ['auto', 'on', 'off'])
+  if (ioUring) options.ioUring = ioUring
   const onHalt = oneOf<OnHalt>('on-halt', values['on-halt'], ['unmount', 'keep'])
   if (onHalt) options.onHalt = onHalt
   if (values.threads !== undefined) {

@@ -37,7 +37,8 @@ function readyLine(exp: FuseExport): string {
   const mode = writable ? (growable ? 'writable, growable' : 'writable') : 'read-only'
   return (
     `ready: ${describeSource(exp)} exported at ${exp.mountpoint} ` +
-    `(${exp.format}, ${exp.size} bytes, ${mode}, ${threads} ${threads === 1 ? 'thread' : 'threads'})`
+    `(${exp.format}, ${exp.size} bytes, ${mode}, ${threads} ${threads === 1 ? 'thread' : 'threads'}, ` +
+    `${exp.ioUring ? 'io_uring' : 'read(2)'})`
   )
 }
 
@@ -111,6 +112,7 @@ async function runExport(command: Extract<ReturnType<typeof parseCliArgs>, { kin
     growable: exp.options.growable,
     allowOther: exp.allowOther,
     threads: exp.options.threads,
+    ioUring: exp.ioUring,
   })
   if (command.stats) reportStats(exp, json)
   if (stopRequested) exp.close().catch(fail)

@@ -28,6 +28,7 @@ export type NativeErrorCode =
   | 'INIT_FAILED'
   | 'INVALID_CONFIG'
   | 'CLOSE_FAILED'
+  | 'IO_URING_UNAVAILABLE'
   | 'INTERNAL'
 
 /**

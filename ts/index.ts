@@ -31,6 +31,7 @@ export type {
   CacheMode,
   ExportFormat,
   FuseExportOptions,
+  IoUringMode,
   NullSource,
   OnHalt,
   ResolvedFuseExportOptions,
@@ -101,6 +102,16 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
    * unprivileged user without `user_allow_other` in /etc/fuse.conf). Undefined when it did not.
    */
   readonly allowOtherFallback: string | undefined
+  /**
+   * Whether requests come through FUSE-over-io_uring (how `ioUring: 'auto'` was resolved); false
+   * means `read(2)` on /dev/fuse.
+   */
+  readonly ioUring: boolean
+  /**
+   * With `ioUring: 'auto'` served by `read(2)`: why io_uring was not used (e.g. the kernel's
+   * `enable_uring` parameter is off). Undefined when io_uring is used or was not asked for.
+   */
+  readonly ioUringFallback: string | undefined
 
   #native: NativeExport
   #closing: Promise<void> | undefined
@@ -123,6 +134,8 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
     this.allowOther = allowOther
     this.allowOtherFallback = allowOtherFallback
     this.format = nativeFormat(native)
+    this.ioUring = native.ioUring
+    this.ioUringFallback = options.ioUring === 'auto' ? (native.ioUringFallback ?? undefined) : undefined
     this.#native = native
     // A mounted export is like a listening server: the process must not exit under it, or
     // clients would see ENOTCONN until someone unmounts by hand.
@@ -167,6 +180,7 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
         threads: resolved.threads,
         cache: resolved.cache,
         writethrough: resolved.writethrough,
+        ioUring: resolved.ioUring,
       }
       let allowOther = resolved.allowOther !== 'off'
       let fallback: string | undefined

@@ -22,6 +22,8 @@ export interface NativeExportConfig {
   threads: number
   cache: string
   writethrough: boolean
+  /** 'auto' | 'on' | 'off' */
+  ioUring: string
 }
 
 /** An asynchronous notification from the native core (today only `halt`). */
@@ -54,6 +56,10 @@ export interface NativeExport {
   readonly size: number
   /** 'raw' | 'qcow2' | 'null': the format served ('' once closed). */
   readonly format: string
+  /** Whether requests come through FUSE-over-io_uring (false once closed). */
+  readonly ioUring: boolean
+  /** With ioUring 'auto' served by read(2): why io_uring was not used; else null. */
+  readonly ioUringFallback: string | null
   /** For an export made by `startFakeDevice`: the socket end that stands in for the kernel; else null. */
   readonly fakeDevicePeerFd: number | null
 }

@@ -27,6 +27,8 @@ export type ServedFormat = Exclude<ExportFormat, 'auto'>
 export type AllowOther = 'on' | 'off' | 'auto'
 /** Host cache mode for the backing file. */
 export type CacheMode = 'writeback' | 'none'
+/** How requests reach the export: FUSE-over-io_uring, `read(2)` on /dev/fuse, or the first that works. */
+export type IoUringMode = 'auto' | 'on' | 'off'
 /** What to do when the native core halts the export. */
 export type OnHalt = 'unmount' | 'keep'
 
@@ -70,6 +72,15 @@ export interface FuseExportOptions {
   /** Flush the backend after every write before acknowledging it. Default: `false`. */
   writethrough?: boolean
   /**
+   * How requests reach the export's threads. `'on'`: FUSE-over-io_uring (Linux 6.14+, with the
+   * `fuse` module's `enable_uring` parameter set): the kernel hands requests to ring entries and
+   * takes replies from them, several per system call; creating the export fails with
+   * `IO_URING_UNAVAILABLE` if that cannot be used. `'off'`: `read(2)`/`writev(2)` on
+   * `/dev/fuse`. `'auto'`: io_uring when the kernel offers it, else `read(2)`
+   * ({@link FuseExport.ioUring} says which). Default: `'auto'`.
+   */
+  ioUring?: IoUringMode
+  /**
    * On a native halt (the kernel stream can no longer be trusted): `'unmount'` emits `halt` and
    * then closes the export, so clients get errors instead of hanging; `'keep'` only emits `halt`.
    * Default: `'unmount'`.
@@ -88,6 +99,7 @@ export interface ResolvedFuseExportOptions {
   readonly threads: number
   readonly cache: CacheMode
   readonly writethrough: boolean
+  readonly ioUring: IoUringMode
   readonly onHalt: OnHalt
 }
 
@@ -104,6 +116,7 @@ const KNOWN_OPTIONS = [
   'threads',
   'cache',
   'writethrough',
+  'ioUring',
   'onHalt',
 ] as const
 
@@ -263,6 +276,7 @@ export function normalizeOptions(input: unknown): ResolvedFuseExportOptions {
     threads,
     cache: optionalEnum<CacheMode>(options, 'cache', ['writeback', 'none'], 'writeback'),
     writethrough: optionalBoolean(options, 'writethrough'),
+    ioUring: optionalEnum<IoUringMode>(options, 'ioUring', ['auto', 'on', 'off'], 'auto'),
     onHalt: optionalEnum<OnHalt>(options, 'onHalt', ['unmount', 'keep'], 'unmount'),
   }
 }

@@ -16,8 +16,9 @@
 use blockfuse_core::backend::{Backend, BlockBackend, FaultBackend, FaultSpec};
 use blockfuse_core::backend::{MemoryBackend, NullBackend};
 use blockfuse_core::export::{negotiate_init, Export, ExportOptions, InitLimits, Outcome};
+use blockfuse_core::protocol::abi::uring::{IN_OUT_HEADER_SZ, OP_IN_OUT_SZ};
 use blockfuse_core::protocol::abi::{falloc, fattr, opcode, size};
-use blockfuse_core::protocol::decode::{decode, DecodeError, HaltReason, Op};
+use blockfuse_core::protocol::decode::{decode, decode_ring, DecodeError, HaltReason, Op};
 use blockfuse_core::protocol::encode::{init_out, out_header, MAX_SMALL_REPLY};
 
 /// `max_read` of the fuzzed export; the data area is this large, as a queue's is `max_write`.
@@ -148,6 +149,22 @@ fn requested_size(op: &Op, len: u64, growable: bool) -> Option<u64> {
     .filter(|&n| n > len)
 }
 
+/// The same request as FUSE-over-io_uring delivers it (header, then the op's struct, then the
+/// payload elsewhere): split after at most 128 bytes of body, decoding must not panic, and a
+/// request with no payload part must decode to what the /dev/fuse decoder made of it.
+fn check_ring_decode(msg: &[u8], op: &Op) {
+    let mut in_out = [0u8; IN_OUT_HEADER_SZ];
+    in_out[..size::IN_HEADER].copy_from_slice(&msg[..size::IN_HEADER]);
+    let body = &msg[size::IN_HEADER..];
+    let fixed = body.len().min(OP_IN_OUT_SZ);
+    let mut op_in = [0u8; OP_IN_OUT_SZ];
+    op_in[..fixed].copy_from_slice(&body[..fixed]);
+    let ring = decode_ring(&in_out, &op_in, body.len() - fixed);
+    if body.len() <= OP_IN_OUT_SZ {
+        assert_eq!(ring.map(|r| r.op), Ok(*op), "ring decoding differs");
+    }
+}
+
 /// Decodes, dispatches and answers one message as a queue does. False when the stream halts.
 fn serve(export: &Export, msg: &[u8], small: &mut [u8; MAX_SMALL_REPLY], area: &mut [u8]) -> bool {
     let req = match decode(msg) {
@@ -160,6 +177,7 @@ fn serve(export: &Export, msg: &[u8], small: &mut [u8; MAX_SMALL_REPLY], area: &
                     assert!(got == msg.len() && header as usize != got, "{reason:?}");
                     assert_eq!(header, u32_at(msg, 0));
                 }
+                HaltReason::RingLengthMismatch { .. } => panic!("decode reported {reason:?}"),
             }
             assert!(!reason.to_string().is_empty());
             return false;
@@ -187,12 +205,14 @@ fn serve(export: &Export, msg: &[u8], small: &mut [u8; MAX_SMALL_REPLY], area: &
     };
     let header = req.header;
     assert!(msg.len() >= size::IN_HEADER && header.len as usize == msg.len());
+    check_ring_decode(msg, &req.op);
     let opts = *export.options();
     let len_before = export.backend().len();
-    if let Op::Init { major, minor, max_readahead, flags } = req.op {
+    if let Op::Init { major, minor, max_readahead, flags, flags2 } = req.op {
         // What the transport does with the first INIT.
-        let limits = InitLimits { max_write: MAX_READ as u32, page_size: 4096 };
-        if let Ok((out, negotiated)) = negotiate_init(major, minor, max_readahead, flags, limits) {
+        let limits = InitLimits { max_write: MAX_READ as u32, page_size: 4096, io_uring: true };
+        let negotiated = negotiate_init(major, minor, max_readahead, flags, flags2, limits);
+        if let Ok((out, negotiated)) = negotiated {
             let n = init_out(small, &out);
             assert!(n == size::INIT_OUT || n == size::INIT_OUT_COMPAT_22);
             assert!(negotiated.max_write <= MAX_READ as u32 && negotiated.max_write >= 4096);

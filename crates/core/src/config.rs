@@ -12,7 +12,7 @@ use crate::backend::{
 use crate::error::{Error, Result};
 use crate::export::{Export, ExportOptions};
 use crate::sys;
-use crate::transport::{Session, SessionConfig, SessionEvent, MAX_TRANSFER};
+use crate::transport::{IoUringMode, Session, SessionConfig, SessionEvent, MAX_TRANSFER};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -37,6 +37,7 @@ pub struct ExportConfig {
     pub threads: usize,
     pub cache: CacheMode,
     pub writethrough: bool,
+    pub io_uring: IoUringMode,
 }
 
 /// Most queues one export may have; each costs a thread and its buffers.
@@ -57,13 +58,28 @@ pub fn start_with_faults(
     faults: Option<FaultSpec>,
     on_event: Box<dyn Fn(SessionEvent) + Send + Sync>,
 ) -> Result<Session> {
-    let export = open_export(&cfg, faults)?;
+    let export = open_export(&cfg, faults.clone())?;
     let session_cfg = SessionConfig {
-        mountpoint: cfg.mountpoint,
+        mountpoint: cfg.mountpoint.clone(),
         allow_other: cfg.allow_other,
         threads: cfg.threads,
+        io_uring: cfg.io_uring,
     };
-    Session::start(export, session_cfg, on_event)
+    let on_event: std::sync::Arc<dyn Fn(SessionEvent) + Send + Sync> = on_event.into();
+    let sink = on_event.clone();
+    match Session::start(export, session_cfg.clone(), Box::new(move |e| sink(e))) {
+        // The kernel offered io_uring but would not take our entries: serve by read(2) on a
+        // fresh mount, and say why.
+        Err(Error::IoUring(reason)) if cfg.io_uring == IoUringMode::Auto => {
+            log::warn!("FUSE-over-io_uring: {reason}; serving by read(2) instead");
+            let export = open_export(&cfg, faults)?;
+            let cfg = SessionConfig { io_uring: IoUringMode::Off, ..session_cfg };
+            let mut session = Session::start(export, cfg, Box::new(move |e| on_event(e)))?;
+            session.set_io_uring_fallback(reason);
+            Ok(session)
+        }
+        other => other,
+    }
 }
 
 /// Serves the export over a fake device instead of a mount (`mountpoint` is ignored): returns

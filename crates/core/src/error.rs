@@ -20,6 +20,9 @@ pub enum Error {
     InvalidConfig(String),
     #[error("{0}")]
     Unmount(String),
+    /// FUSE-over-io_uring was required (or chosen) but cannot be used.
+    #[error("FUSE-over-io_uring: {0}")]
+    IoUring(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -36,6 +39,7 @@ impl Error {
             Error::Init(_) => "INIT_FAILED",
             Error::InvalidConfig(_) => "INVALID_CONFIG",
             Error::Unmount(_) => "CLOSE_FAILED",
+            Error::IoUring(_) => "IO_URING_UNAVAILABLE",
             Error::Internal(_) => "INTERNAL",
         }
     }

@@ -13,7 +13,7 @@ use blockfuse_core::config::{self, ExportConfig, Source};
 use blockfuse_core::export::{Export, ExportOptions};
 use blockfuse_core::protocol::abi::opcode::*;
 use blockfuse_core::transport::queue::{run_queue, Shared, StopCause, WORKERS_PER_QUEUE};
-use blockfuse_core::transport::{Session, SessionEvent};
+use blockfuse_core::transport::{IoUringMode, Session, SessionEvent};
 
 mod common;
 use common::*;
@@ -417,6 +417,7 @@ fn a_raw_image_is_read_and_written_through_the_fake_device() {
         threads: 1,
         cache: CacheMode::Writeback,
         writethrough: false,
+        io_uring: IoUringMode::Off,
     };
     let (tx, events) = mpsc::channel();
     let (s, peer) = config::start_fake_device(
@@ -481,6 +482,7 @@ fn raw_device(file: TempImage, growable: bool, cache: CacheMode) -> RawDevice {
         threads: 1,
         cache,
         writethrough: false,
+        io_uring: IoUringMode::Off,
     };
     let (tx, events) = mpsc::channel();
     let on_event = Box::new(move |e| {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use blockfuse_core::backend::{BlockBackend, CacheMode, FaultSpec};
 use blockfuse_core::config::{self, ExportConfig, Source};
-use blockfuse_core::transport::{Session, SessionEvent};
+use blockfuse_core::transport::{IoUringMode, Session, SessionEvent};
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi_derive::napi;
@@ -73,6 +73,8 @@ pub struct NativeExportConfig {
     /// 'writeback' | 'none'
     pub cache: String,
     pub writethrough: bool,
+    /// 'auto' | 'on' | 'off'
+    pub io_uring: String,
 }
 
 #[napi(object)]
@@ -108,6 +110,12 @@ fn to_core(c: NativeExportConfig) -> Result<ExportConfig> {
         "none" => CacheMode::None,
         other => return Err(invalid(format!("unknown cache mode {other:?}"))),
     };
+    let io_uring = match c.io_uring.as_str() {
+        "auto" => IoUringMode::Auto,
+        "on" => IoUringMode::On,
+        "off" => IoUringMode::Off,
+        other => return Err(invalid(format!("unknown ioUring mode {other:?}"))),
+    };
     Ok(ExportConfig {
         source,
         mountpoint: PathBuf::from(c.mountpoint),
@@ -117,6 +125,7 @@ fn to_core(c: NativeExportConfig) -> Result<ExportConfig> {
         threads: c.threads as usize,
         cache,
         writethrough: c.writethrough,
+        io_uring,
     })
 }
 
@@ -299,6 +308,20 @@ impl NativeExport {
     pub fn format(&self) -> String {
         let guard = self.session.lock().unwrap_or_else(|e| e.into_inner());
         guard.as_ref().map(|s| s.export().backend().format_name().to_string()).unwrap_or_default()
+    }
+
+    /// Whether requests come through FUSE-over-io_uring (false once closed).
+    #[napi(getter)]
+    pub fn io_uring(&self) -> bool {
+        let guard = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().is_some_and(|s| s.io_uring())
+    }
+
+    /// With ioUring 'auto' served by read(2): why FUSE-over-io_uring was not used.
+    #[napi(getter)]
+    pub fn io_uring_fallback(&self) -> Option<String> {
+        let guard = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().and_then(|s| s.io_uring_fallback().map(str::to_string))
     }
 
     /// Current size of the exported image in bytes (0 once closed).

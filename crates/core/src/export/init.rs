@@ -1,7 +1,8 @@
 //! FUSE_INIT negotiation: which protocol version and features we agree on with the kernel.
 
 use crate::protocol::abi::{
-    init_flags::*, KERNEL_MINOR_VERSION, KERNEL_VERSION, MIN_KERNEL_MINOR_VERSION,
+    init_flags::*, init_flags2::FUSE_OVER_IO_URING, KERNEL_MINOR_VERSION, KERNEL_VERSION,
+    MIN_KERNEL_MINOR_VERSION,
 };
 use crate::protocol::encode::InitOut;
 
@@ -11,6 +12,8 @@ pub struct InitLimits {
     /// Largest WRITE we can take in one request (our receive buffers are sized for it).
     pub max_write: u32,
     pub page_size: u32,
+    /// Ask for FUSE-over-io_uring if the kernel offers it.
+    pub io_uring: bool,
 }
 
 /// The agreed parameters the transport needs after INIT.
@@ -19,6 +22,8 @@ pub struct Negotiated {
     pub minor: u32,
     pub flags: u32,
     pub max_write: u32,
+    /// FUSE-over-io_uring was agreed: requests arrive through ring entries once registered.
+    pub io_uring: bool,
 }
 
 /// Pages in one request without FUSE_MAX_PAGES (`FUSE_DEFAULT_MAX_PAGES_PER_REQ`).
@@ -30,6 +35,7 @@ pub fn negotiate_init(
     minor: u32,
     max_readahead: u32,
     kernel_flags: u32,
+    kernel_flags2: u32,
     limits: InitLimits,
 ) -> Result<(InitOut, Negotiated), String> {
     if major != KERNEL_VERSION {
@@ -53,6 +59,12 @@ pub fn negotiate_init(
         limits.max_write.min(DEFAULT_MAX_PAGES * page)
     };
     let minor = minor.min(KERNEL_MINOR_VERSION);
+    // The kernel offers FUSE_OVER_IO_URING (in flags2, so with INIT_EXT) only while its
+    // `enable_uring` parameter is on; 7.42 defined the ring entries' layout.
+    let ext = kernel_flags & FUSE_INIT_EXT != 0;
+    let io_uring = limits.io_uring && ext && minor >= 42 && kernel_flags2 & FUSE_OVER_IO_URING != 0;
+    let (flags, flags2) =
+        if io_uring { (flags | FUSE_INIT_EXT, FUSE_OVER_IO_URING) } else { (flags, 0) };
     let out = InitOut {
         major: KERNEL_VERSION,
         minor,
@@ -64,6 +76,7 @@ pub fn negotiate_init(
         max_write,
         time_gran: 1,
         max_pages: max_write.div_ceil(page).min(u16::MAX as u32) as u16,
+        flags2,
     };
-    Ok((out, Negotiated { minor, flags, max_write }))
+    Ok((out, Negotiated { minor, flags, max_write, io_uring }))
 }

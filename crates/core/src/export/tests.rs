@@ -190,7 +190,7 @@ fn lseek(e: &Export, offset: u64, whence: u32) -> Reply {
 // INIT
 
 fn limits() -> InitLimits {
-    InitLimits { max_write: 1 << 20, page_size: 4096 }
+    InitLimits { max_write: 1 << 20, page_size: 4096, io_uring: false }
 }
 
 const WANTED: u32 = FUSE_ASYNC_READ | FUSE_ASYNC_DIO | FUSE_BIG_WRITES | FUSE_MAX_PAGES;
@@ -198,35 +198,35 @@ const WANTED: u32 = FUSE_ASYNC_READ | FUSE_ASYNC_DIO | FUSE_BIG_WRITES | FUSE_MA
 #[test]
 fn init_refuses_other_majors_and_minors_before_9() {
     for major in [0, 6, 8, u32::MAX] {
-        let err = negotiate_init(major, 41, 0, u32::MAX, limits()).unwrap_err();
+        let err = negotiate_init(major, 41, 0, u32::MAX, 0, limits()).unwrap_err();
         assert!(err.contains("major"), "{err}");
     }
     for minor in [0, 5, 8] {
-        let err = negotiate_init(7, minor, 0, u32::MAX, limits()).unwrap_err();
+        let err = negotiate_init(7, minor, 0, u32::MAX, 0, limits()).unwrap_err();
         assert!(err.contains(&format!("7.{minor}")), "{err}");
     }
 }
 
 #[test]
 fn init_accepts_7_9_with_the_compat_reply() {
-    let (out, neg) = negotiate_init(7, 9, 4096, FUSE_ASYNC_READ | FUSE_BIG_WRITES, limits())
+    let (out, neg) = negotiate_init(7, 9, 4096, FUSE_ASYNC_READ | FUSE_BIG_WRITES, 0, limits())
         .expect("7.9 is the oldest we accept");
     assert_eq!((out.major, out.minor, neg.minor), (7, 9, 9));
     let mut b = [0u8; MAX_SMALL_REPLY];
     assert_eq!(init_out(&mut b, &out), 24, "before 7.23 the kernel expects 24 bytes");
     // 7.22 still gets the compat size, 7.23 the full one.
-    let (out, _) = negotiate_init(7, 22, 0, 0, limits()).unwrap();
+    let (out, _) = negotiate_init(7, 22, 0, 0, 0, limits()).unwrap();
     assert_eq!(init_out(&mut b, &out), 24);
-    let (out, _) = negotiate_init(7, 23, 0, 0, limits()).unwrap();
+    let (out, _) = negotiate_init(7, 23, 0, 0, 0, limits()).unwrap();
     assert_eq!(init_out(&mut b, &out), 64);
 }
 
 #[test]
 fn init_answers_with_the_lower_minor() {
-    let (out, neg) = negotiate_init(7, 99, 0, 0, limits()).unwrap();
+    let (out, neg) = negotiate_init(7, 99, 0, 0, 0, limits()).unwrap();
     assert_eq!(out.major, KERNEL_VERSION);
     assert_eq!((out.minor, neg.minor), (KERNEL_MINOR_VERSION, KERNEL_MINOR_VERSION));
-    let (out, _) = negotiate_init(7, 31, 0, 0, limits()).unwrap();
+    let (out, _) = negotiate_init(7, 31, 0, 0, 0, limits()).unwrap();
     assert_eq!(out.minor, 31);
 }
 
@@ -234,7 +234,7 @@ fn init_answers_with_the_lower_minor() {
 fn init_flags_are_the_intersection_with_what_we_want() {
     for offered in [0, u32::MAX, FUSE_ASYNC_READ, FUSE_ASYNC_DIO | FUSE_INIT_EXT | (1 << 3), WANTED]
     {
-        let (out, neg) = negotiate_init(7, 41, 0, offered, limits()).unwrap();
+        let (out, neg) = negotiate_init(7, 41, 0, offered, 0, limits()).unwrap();
         assert_eq!(out.flags, offered & WANTED, "offered {offered:#x}");
         assert_eq!(neg.flags, out.flags);
     }
@@ -242,23 +242,46 @@ fn init_flags_are_the_intersection_with_what_we_want() {
 
 #[test]
 fn init_max_write_and_pages() {
-    let (out, neg) = negotiate_init(7, 41, 0, u32::MAX, limits()).unwrap();
+    let (out, neg) = negotiate_init(7, 41, 0, u32::MAX, 0, limits()).unwrap();
     assert_eq!((out.max_write, neg.max_write), (1 << 20, 1 << 20));
     assert_eq!(out.max_pages, 256);
     // Without MAX_PAGES the kernel sends at most 32 pages per request.
-    let (out, neg) = negotiate_init(7, 41, 0, !FUSE_MAX_PAGES, limits()).unwrap();
+    let (out, neg) = negotiate_init(7, 41, 0, !FUSE_MAX_PAGES, 0, limits()).unwrap();
     assert_eq!((out.max_write, neg.max_write), (128 << 10, 128 << 10));
     // Never more than our buffers take.
-    let small = InitLimits { max_write: 64 << 10, page_size: 4096 };
-    let (out, _) = negotiate_init(7, 41, 0, u32::MAX, small).unwrap();
+    let small = InitLimits { max_write: 64 << 10, page_size: 4096, io_uring: false };
+    let (out, _) = negotiate_init(7, 41, 0, u32::MAX, 0, small).unwrap();
     assert_eq!(out.max_write, 64 << 10);
     // QEMU's 64 KiB is the floor the issue sets; we offer more.
-    assert!(negotiate_init(7, 41, 0, u32::MAX, limits()).unwrap().0.max_write >= 64 << 10);
+    assert!(negotiate_init(7, 41, 0, u32::MAX, 0, limits()).unwrap().0.max_write >= 64 << 10);
+}
+
+#[test]
+fn init_agrees_on_io_uring_only_when_offered_asked_for_and_7_42() {
+    use crate::protocol::abi::init_flags2::FUSE_OVER_IO_URING;
+    let ring = InitLimits { io_uring: true, ..limits() };
+    let offered = WANTED | FUSE_INIT_EXT;
+    let (out, neg) = negotiate_init(7, 42, 0, offered, FUSE_OVER_IO_URING, ring).unwrap();
+    assert!(neg.io_uring);
+    assert_eq!(out.flags, WANTED | FUSE_INIT_EXT, "flags2 is only read with INIT_EXT");
+    assert_eq!(out.flags2, FUSE_OVER_IO_URING);
+    // Any missing piece: no io_uring, and no flags2 in the reply.
+    for (minor, flags, flags2, limits) in [
+        (42, offered, FUSE_OVER_IO_URING, limits()),
+        (41, offered, FUSE_OVER_IO_URING, ring),
+        (42, WANTED, FUSE_OVER_IO_URING, ring),
+        (42, offered, 0, ring),
+        (42, offered, !FUSE_OVER_IO_URING, ring),
+    ] {
+        let (out, neg) = negotiate_init(7, minor, 0, flags, flags2, limits).unwrap();
+        assert!(!neg.io_uring, "7.{minor} {flags:#x} {flags2:#x} {limits:?}");
+        assert_eq!((out.flags & FUSE_INIT_EXT, out.flags2), (0, 0));
+    }
 }
 
 #[test]
 fn init_background_limits_are_libfuses_maxima() {
-    let (out, _) = negotiate_init(7, 41, 131072, u32::MAX, limits()).unwrap();
+    let (out, _) = negotiate_init(7, 41, 131072, u32::MAX, 0, limits()).unwrap();
     assert_eq!(out.max_background, 65535);
     assert_eq!(out.congestion_threshold, 49151);
     assert_eq!(out.max_readahead, 131072);
@@ -325,7 +348,7 @@ fn lookup_unknown_forget_and_trivial_ops() {
     assert_eq!(call(&e, Op::Release, &[]).outcome, Outcome::Small(0));
     assert_eq!(call(&e, Op::Destroy, &[]).outcome, Outcome::Small(0));
     // INIT belongs to the handshake; a second one is a protocol error.
-    let init = Op::Init { major: 7, minor: 41, max_readahead: 0, flags: 0 };
+    let init = Op::Init { major: 7, minor: 41, max_readahead: 0, flags: 0, flags2: 0 };
     assert_eq!(errno(&e, init), libc::EPROTO);
 }
 

@@ -4,7 +4,7 @@
 /// The protocol major version we speak.
 pub const KERNEL_VERSION: u32 = 7;
 /// The newest minor version we know; the reply carries min(kernel's, ours).
-pub const KERNEL_MINOR_VERSION: u32 = 41;
+pub const KERNEL_MINOR_VERSION: u32 = 42;
 /// Oldest minor we accept: 7.9 added `fuse_attr.blksize` and the 40-byte read/write structs.
 pub const MIN_KERNEL_MINOR_VERSION: u32 = 9;
 
@@ -130,6 +130,32 @@ pub mod init_flags {
     pub const FUSE_INIT_EXT: u32 = 1 << 30;
 }
 
+/// `fuse_init_in.flags2`/`fuse_init_out.flags2`: the flags' upper 32 bits (with FUSE_INIT_EXT).
+pub mod init_flags2 {
+    /// `FUSE_OVER_IO_URING` (1 << 41): requests through io_uring commands instead of read(2).
+    pub const FUSE_OVER_IO_URING: u32 = 1 << (41 - 32);
+}
+
+/// FUSE-over-io_uring (7.42): `IORING_OP_URING_CMD` commands on a /dev/fuse fd, each owning
+/// one ring entry of the kernel's per-CPU queue (`fuse_uring_req_header` + a payload buffer).
+pub mod uring {
+    /// `FUSE_IO_URING_CMD_REGISTER`: hand an entry to the kernel and wait for a request.
+    pub const CMD_REGISTER: u32 = 1;
+    /// `FUSE_IO_URING_CMD_COMMIT_AND_FETCH`: answer the entry's request, wait for the next one.
+    pub const CMD_COMMIT_AND_FETCH: u32 = 2;
+    /// `FUSE_URING_IN_OUT_HEADER_SZ`: room for `fuse_in_header` / `fuse_out_header`.
+    pub const IN_OUT_HEADER_SZ: usize = 128;
+    /// `FUSE_URING_OP_IN_OUT_SZ`: room for the op's fixed struct (`in_args[0]`).
+    pub const OP_IN_OUT_SZ: usize = 128;
+    /// Offset of `fuse_uring_ent_in_out` in `fuse_uring_req_header`.
+    pub const ENT_IN_OUT_OFFSET: usize = IN_OUT_HEADER_SZ + OP_IN_OUT_SZ;
+    /// `sizeof(struct fuse_uring_req_header)`.
+    pub const REQ_HEADER_SZ: usize = ENT_IN_OUT_OFFSET + 32;
+    /// Offsets in `fuse_uring_ent_in_out`: `commit_id` (u64) and `payload_sz` (u32).
+    pub const ENT_COMMIT_ID: usize = 8;
+    pub const ENT_PAYLOAD_SZ: usize = 16;
+}
+
 /// `fuse_open_out.open_flags`.
 pub mod fopen {
     pub const FOPEN_DIRECT_IO: u32 = 1 << 0;
@@ -173,6 +199,8 @@ pub mod size {
     pub const IN_HEADER: usize = 40;
     pub const OUT_HEADER: usize = 16;
     pub const INIT_IN_COMPAT: usize = 16;
+    /// `fuse_init_in` up to `flags2` (7.36).
+    pub const INIT_IN_FLAGS2: usize = 20;
     pub const INIT_OUT: usize = 64;
     /// `FUSE_COMPAT_22_INIT_OUT_SIZE`: the reply size before 7.23.
     pub const INIT_OUT_COMPAT_22: usize = 24;

@@ -1,7 +1,7 @@
 //! Request decoding: one `/dev/fuse` read in, owned scalars out, every length checked.
 //! Pure: no I/O, no unsafe, never panics on any input (fuzzable).
 
-use super::abi::{opcode::*, size};
+use super::abi::{init_flags::FUSE_INIT_EXT, opcode::*, size};
 
 /// The fixed header of every request (`fuse_in_header`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +35,8 @@ pub enum Op {
         minor: u32,
         max_readahead: u32,
         flags: u32,
+        /// The flags' upper half; 0 unless `flags` has FUSE_INIT_EXT.
+        flags2: u32,
     },
     Destroy,
     Statfs,
@@ -82,8 +84,19 @@ pub struct Request {
 /// requests, because it can no longer tell where one request ends and the next begins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HaltReason {
-    ShortHeader { got: usize },
-    LengthMismatch { header: u32, got: usize },
+    ShortHeader {
+        got: usize,
+    },
+    LengthMismatch {
+        header: u32,
+        got: usize,
+    },
+    /// An io_uring entry whose header length does not fit its parts (see [`decode_ring`]).
+    RingLengthMismatch {
+        header: u32,
+        op_room: usize,
+        payload: usize,
+    },
 }
 
 impl std::fmt::Display for HaltReason {
@@ -97,6 +110,12 @@ impl std::fmt::Display for HaltReason {
             HaltReason::LengthMismatch { header, got } => {
                 write!(f, "request header says {header} bytes but /dev/fuse returned {got}")
             }
+            HaltReason::RingLengthMismatch { header, op_room, payload } => write!(
+                f,
+                "io_uring request header says {header} bytes, which is not the {}-byte header, \
+                 an op struct of at most {op_room} bytes and the {payload}-byte payload",
+                size::IN_HEADER
+            ),
         }
     }
 }
@@ -139,13 +158,10 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decodes the header only. `buf` is exactly what one read from `/dev/fuse` returned.
-pub fn decode_header(buf: &[u8]) -> Result<InHeader, HaltReason> {
-    if buf.len() < size::IN_HEADER {
-        return Err(HaltReason::ShortHeader { got: buf.len() });
-    }
+/// The header's fields from the first [`size::IN_HEADER`] bytes of `buf` (checked by callers).
+fn decode_header_fields(buf: &[u8]) -> InHeader {
     let mut r = Reader::new(buf);
-    let header = InHeader {
+    InHeader {
         len: r.u32(),
         opcode: r.u32(),
         unique: r.u64(),
@@ -153,7 +169,15 @@ pub fn decode_header(buf: &[u8]) -> Result<InHeader, HaltReason> {
         uid: r.u32(),
         gid: r.u32(),
         pid: r.u32(),
-    };
+    }
+}
+
+/// Decodes the header only. `buf` is exactly what one read from `/dev/fuse` returned.
+pub fn decode_header(buf: &[u8]) -> Result<InHeader, HaltReason> {
+    if buf.len() < size::IN_HEADER {
+        return Err(HaltReason::ShortHeader { got: buf.len() });
+    }
+    let header = decode_header_fields(buf);
     if header.len as usize != buf.len() {
         return Err(HaltReason::LengthMismatch { header: header.len, got: buf.len() });
     }
@@ -163,7 +187,33 @@ pub fn decode_header(buf: &[u8]) -> Result<InHeader, HaltReason> {
 /// Decodes one request. `buf` is exactly what one read from `/dev/fuse` returned.
 pub fn decode(buf: &[u8]) -> Result<Request, DecodeError> {
     let header = decode_header(buf).map_err(DecodeError::Halt)?;
-    let body = &buf[size::IN_HEADER..];
+    decode_op(header, &buf[size::IN_HEADER..], 0)
+}
+
+/// Decodes one request delivered through FUSE-over-io_uring, where it arrives in three parts:
+/// `in_out` starts with the header, `op_in` holds the op's fixed struct, and everything after
+/// that struct (a WRITE's data, a name) is in the entry's payload buffer, `payload_len` bytes.
+/// The header's length counts all three, so the struct's length is what remains.
+pub fn decode_ring(
+    in_out: &[u8],
+    op_in: &[u8],
+    payload_len: usize,
+) -> Result<Request, DecodeError> {
+    let head = in_out.get(..size::IN_HEADER).ok_or(HaltReason::ShortHeader { got: in_out.len() });
+    let header = decode_header_fields(head.map_err(DecodeError::Halt)?);
+    let mismatch = DecodeError::Halt(HaltReason::RingLengthMismatch {
+        header: header.len,
+        op_room: op_in.len(),
+        payload: payload_len,
+    });
+    let fixed = (header.len as usize).checked_sub(size::IN_HEADER + payload_len).ok_or(mismatch)?;
+    let op_bytes = op_in.get(..fixed).ok_or(mismatch)?;
+    decode_op(header, op_bytes, payload_len)
+}
+
+/// Decodes the op after `header`: `body` is the bytes that follow the header up to where
+/// `trailing` more bytes (that this decoder never reads) sit elsewhere.
+fn decode_op(header: InHeader, body: &[u8], trailing: usize) -> Result<Request, DecodeError> {
     let need = |n: usize| {
         if body.len() < n {
             Err(DecodeError::Malformed { header, errno: libc::EINVAL })
@@ -174,7 +224,10 @@ pub fn decode(buf: &[u8]) -> Result<Request, DecodeError> {
     let op = match header.opcode {
         FUSE_INIT => {
             let mut r = need(size::INIT_IN_COMPAT)?;
-            Op::Init { major: r.u32(), minor: r.u32(), max_readahead: r.u32(), flags: r.u32() }
+            let (major, minor, max_readahead, flags) = (r.u32(), r.u32(), r.u32(), r.u32());
+            let ext = flags & FUSE_INIT_EXT != 0 && body.len() >= size::INIT_IN_FLAGS2;
+            let flags2 = if ext { r.u32() } else { 0 };
+            Op::Init { major, minor, max_readahead, flags, flags2 }
         }
         FUSE_DESTROY => Op::Destroy,
         FUSE_STATFS => Op::Statfs,
@@ -215,7 +268,7 @@ pub fn decode(buf: &[u8]) -> Result<Request, DecodeError> {
             let size = r.u32();
             // The payload must be exactly as long as claimed: a shorter one would make us write
             // bytes the client never sent.
-            if body.len() - size::WRITE_IN != size as usize {
+            if body.len() + trailing - size::WRITE_IN != size as usize {
                 return Err(DecodeError::Malformed { header, errno: libc::EINVAL });
             }
             Op::Write { offset, size }

@@ -91,6 +91,8 @@ pub struct InitOut {
     pub max_write: u32,
     pub time_gran: u32,
     pub max_pages: u16,
+    /// The flags' upper half (read by the kernel when `flags` has FUSE_INIT_EXT).
+    pub flags2: u32,
 }
 
 /// `fuse_init_out`, truncated to the compat size the kernel's minor expects (before 7.23 the
@@ -100,7 +102,7 @@ pub fn init_out(buf: &mut [u8], o: &InitOut) -> usize {
     w.u32(o.major).u32(o.minor).u32(o.max_readahead).u32(o.flags);
     w.u16(o.max_background).u16(o.congestion_threshold).u32(o.max_write);
     w.u32(o.time_gran).u16(o.max_pages).u16(0); // map_alignment
-    w.u32(0).u32(0).u16(0).zeros(22); // flags2, max_stack_depth, request_timeout, unused
+    w.u32(o.flags2).u32(0).u16(0).zeros(22); // flags2, max_stack_depth, request_timeout, unused
     debug_assert_eq!(w.written(), size::INIT_OUT);
     if o.minor >= 23 {
         size::INIT_OUT

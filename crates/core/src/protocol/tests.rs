@@ -2,7 +2,9 @@
 //! (include/uapi/linux/fuse.h), replies checked at the kernel's field offsets.
 
 use super::abi::{opcode::*, size};
-use super::decode::{decode, decode_header, DecodeError, HaltReason, InHeader, Op, SetattrIn};
+use super::decode::{
+    decode, decode_header, decode_ring, DecodeError, HaltReason, InHeader, Op, SetattrIn,
+};
 use super::encode::{
     attr_out, init_out, lseek_out, open_out, out_header, statfs_out, write_out, Attr, InitOut,
     Statfs, MAX_SMALL_REPLY,
@@ -227,7 +229,7 @@ fn init_compat_and_full_bodies() {
         let op = init_in(1, 7, 41, full).decode().unwrap();
         assert_eq!(
             op,
-            Op::Init { major: 7, minor: 41, max_readahead: 0x20000, flags: 0x8000_1021 },
+            Op::Init { major: 7, minor: 41, max_readahead: 0x20000, flags: 0x8000_1021, flags2: 0 },
             "full body: {full}"
         );
     }
@@ -235,7 +237,7 @@ fn init_compat_and_full_bodies() {
     // it is negotiation's job, which can say why.
     assert_eq!(
         init_in(1, 6, 2, false).decode().unwrap(),
-        Op::Init { major: 6, minor: 2, max_readahead: 0x20000, flags: 0x8000_1021 }
+        Op::Init { major: 6, minor: 2, max_readahead: 0x20000, flags: 0x8000_1021, flags2: 0 }
     );
 }
 
@@ -534,6 +536,7 @@ fn sample_init_out(minor: u32) -> InitOut {
         max_write: 1 << 20,
         time_gran: 1,
         max_pages: 256,
+        flags2: 0,
     }
 }
 
@@ -745,10 +748,138 @@ fn random_and_mutated_input_never_panics_and_halts_exactly_on_framing_errors() {
                         assert_eq!(header, rd32(&buf, 0));
                         assert_ne!(header as usize, got);
                     }
+                    HaltReason::RingLengthMismatch { .. } => panic!("{reason:?} from decode"),
                 }
             }
         }
     }
     // The generator must actually reach every outcome, or the test proves little.
     assert!(seen.iter().all(|&n| n > 10_000), "outcome counts {seen:?}");
+}
+
+// INIT's flags2 and FUSE-over-io_uring delivery
+
+#[test]
+fn init_flags2_is_read_only_with_init_ext() {
+    use crate::protocol::abi::init_flags::FUSE_INIT_EXT;
+    let with = |flags: u32| {
+        req(FUSE_INIT, 1)
+            .nodeid(0)
+            .u32(7)
+            .u32(42)
+            .u32(0x20000)
+            .u32(flags)
+            .u32(0x0000_0200)
+            .zeros(44)
+    };
+    let op = with(0x8000_1021 | FUSE_INIT_EXT).decode().unwrap();
+    assert_eq!(
+        op,
+        Op::Init {
+            major: 7,
+            minor: 42,
+            max_readahead: 0x20000,
+            flags: 0x8000_1021 | FUSE_INIT_EXT,
+            flags2: 0x200
+        }
+    );
+    let Op::Init { flags2, .. } = with(0x8000_1021).decode().unwrap() else { unreachable!() };
+    assert_eq!(flags2, 0, "without INIT_EXT the upper half is not there");
+    // INIT_EXT with a body that stops before flags2 (a confused kernel): no flags2.
+    let short = req(FUSE_INIT, 1).nodeid(0).u32(7).u32(42).u32(0).u32(FUSE_INIT_EXT);
+    let Op::Init { flags2, .. } = short.decode().unwrap() else { unreachable!() };
+    assert_eq!(flags2, 0);
+}
+
+#[test]
+fn init_out_carries_flags2() {
+    let mut b = [0u8; MAX_SMALL_REPLY];
+    let out = InitOut { flags2: 0x200, ..sample_init_out(42) };
+    assert_eq!(init_out(&mut b, &out), 64);
+    assert_eq!(rd32(&b, 32), 0x200, "flags2 at its offset");
+}
+
+/// A fixture as FUSE-over-io_uring hands it over: `in_out` (128 bytes, header first), `op_in`
+/// (128 bytes, the op's first `fixed` body bytes), and what the payload buffer would hold.
+fn ring_parts(f: &Fixture, fixed: usize) -> ([u8; 128], [u8; 128], usize) {
+    let buf = f.build();
+    let mut in_out = [0xeeu8; 128];
+    in_out[..size::IN_HEADER].copy_from_slice(&buf[..size::IN_HEADER]);
+    let mut op_in = [0xddu8; 128];
+    op_in[..fixed].copy_from_slice(&buf[size::IN_HEADER..size::IN_HEADER + fixed]);
+    (in_out, op_in, buf.len() - size::IN_HEADER - fixed)
+}
+
+#[test]
+fn ring_requests_decode_like_dev_fuse_ones() {
+    let payload = vec![7u8; 4096];
+    let cases: Vec<(Fixture, usize)> = vec![
+        (rw_in(FUSE_WRITE, 21, 8192, 4096).bytes(&payload), size::WRITE_IN),
+        (rw_in(FUSE_WRITE, 22, 8192, 0), size::WRITE_IN),
+        (rw_in(FUSE_READ, 23, 1 << 40, 1 << 20), size::READ_IN),
+        (req(FUSE_GETATTR, 24).zeros(16), 16),
+        (req(FUSE_STATFS, 25), 0),
+        (req(FUSE_LOOKUP, 26).bytes(b"disk.img\0"), 0),
+        (setattr_in(27, 0x1f), size::SETATTR_IN),
+        (fallocate_in(28, 4096, 8192, 0x3), size::FALLOCATE_IN),
+        (lseek_in(29, 512, 3), size::LSEEK_IN),
+        (open_in(30, 2), 8),
+        (fsync_in(31, 1), size::FSYNC_IN),
+    ];
+    for (f, fixed) in cases {
+        let (in_out, op_in, payload_len) = ring_parts(&f, fixed);
+        let ring = decode_ring(&in_out, &op_in, payload_len).expect("well-formed ring request");
+        let buf = f.build();
+        assert_eq!(ring, decode(&buf).unwrap(), "opcode {}", f.opcode);
+    }
+}
+
+#[test]
+fn ring_write_payload_must_match_its_size() {
+    let f = rw_in(FUSE_WRITE, 40, 0, 4096).zeros(4095);
+    let (in_out, op_in, payload_len) = ring_parts(&f, size::WRITE_IN);
+    assert_eq!(
+        decode_ring(&in_out, &op_in, payload_len),
+        Err(DecodeError::Malformed { header: f.header(40 + 40 + 4095), errno: libc::EINVAL })
+    );
+}
+
+#[test]
+fn ring_op_struct_cut_short_is_einval() {
+    // The kernel's header length says the struct had 20 bytes: too short for fuse_read_in.
+    let f = rw_in(FUSE_READ, 41, 0, 4096).truncated(20);
+    let (in_out, op_in, payload_len) = ring_parts(&f, 20);
+    assert_eq!(
+        decode_ring(&in_out, &op_in, payload_len),
+        Err(DecodeError::Malformed { header: f.header(60), errno: libc::EINVAL })
+    );
+}
+
+#[test]
+fn ring_lengths_that_do_not_add_up_halt() {
+    let f = rw_in(FUSE_READ, 42, 0, 4096);
+    let (in_out, op_in, _) = ring_parts(&f, size::READ_IN);
+    // More payload than the header's length leaves room for.
+    let halt = |payload: usize| {
+        DecodeError::Halt(HaltReason::RingLengthMismatch { header: 80, op_room: 128, payload })
+    };
+    assert_eq!(decode_ring(&in_out, &op_in, 41), Err(halt(41)));
+    // A header length that would put more than 128 bytes into op_in.
+    let long = rw_in(FUSE_READ, 43, 0, 4096).zeros(100);
+    let (in_out, op_in, _) = ring_parts(&long, 128);
+    assert_eq!(
+        decode_ring(&in_out, &op_in, 0),
+        Err(DecodeError::Halt(HaltReason::RingLengthMismatch {
+            header: 180,
+            op_room: 128,
+            payload: 0
+        }))
+    );
+    // An in_out area shorter than a header.
+    assert_eq!(
+        decode_ring(&in_out[..39], &op_in, 0),
+        Err(DecodeError::Halt(HaltReason::ShortHeader { got: 39 }))
+    );
+    let msg = HaltReason::RingLengthMismatch { header: 80, op_room: 128, payload: 41 }.to_string();
+    assert!(msg.contains("80") && msg.contains("41") && msg.contains("io_uring"), "{msg}");
 }

@@ -2,6 +2,7 @@
 //! (`uring`). This is the only module with `unsafe`; each block says why it is sound. Nothing here
 //! knows about FUSE semantics.
 
+pub mod fuse_uring;
 pub mod uring;
 
 use std::ffi::CString;
@@ -263,4 +264,86 @@ pub fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<Opti
         };
     }
     Ok(Some(n as usize))
+}
+
+/// A new eventfd (non-blocking, close-on-exec): one thread signals it, another's ring polls it.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes two integers and returns a new fd or -1.
+    let fd = check(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+    // SAFETY: eventfd just created `fd` and nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds one to an eventfd's counter, making it readable. Never blocks (the counter cannot
+/// overflow in practice: the reader drains it).
+pub fn eventfd_signal(fd: BorrowedFd<'_>) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: `one` is valid for reads of 8 bytes during the call.
+    let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+}
+
+/// Resets an eventfd's counter to zero (it is no longer readable).
+pub fn eventfd_drain(fd: BorrowedFd<'_>) {
+    let mut count = [0u8; 8];
+    // SAFETY: `count` is valid for writes of 8 bytes during the call; the fd is non-blocking.
+    let _ = unsafe { libc::read(fd.as_raw_fd(), count.as_mut_ptr().cast(), count.len()) };
+}
+
+/// Restricts the calling thread to CPU `cpu` (sched_setaffinity).
+pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain old data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: `cpu` was checked to be below CPU_SETSIZE, the set's capacity.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the calling thread.
+    check(unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) }).map(drop)
+}
+
+/// The signal that wakes a queue thread asleep in read(2) on /dev/fuse (see
+/// [`install_wake_signal`]). A real-time signal: Node, libuv and V8 use none of them.
+pub fn wake_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 5
+}
+
+extern "C" fn on_wake_signal(_: libc::c_int) {}
+
+/// Installs a handler that does nothing for [`wake_signal`], without SA_RESTART: a thread that
+/// gets the signal while blocked in read(2) returns EINTR and can look at its stop flag. Fails
+/// (and leaves things as they are) if someone else handles that signal already. Idempotent.
+pub fn install_wake_signal() -> io::Result<()> {
+    static RESULT: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
+    let r = RESULT.get_or_init(|| {
+        let sig = wake_signal();
+        // SAFETY: sigaction is plain old data; all-zero is a valid value to fill.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: querying the current action (null new action) into `old`.
+        if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } < 0 {
+            return Err(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL));
+        }
+        if old.sa_sigaction != libc::SIG_DFL {
+            return Err(libc::EBUSY);
+        }
+        // SAFETY: as above.
+        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+        act.sa_sigaction = on_wake_signal as extern "C" fn(libc::c_int) as usize;
+        act.sa_flags = 0;
+        // SAFETY: `act` is fully initialised; the handler is async-signal-safe (does nothing).
+        if unsafe { libc::sigaction(sig, &act, std::ptr::null_mut()) } < 0 {
+            return Err(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL));
+        }
+        Ok(())
+    });
+    r.map_err(io::Error::from_raw_os_error)
+}
+
+/// Sends [`wake_signal`] to the thread of `handle` (which must not have been joined: its
+/// pthread_t stays valid until then, even after it ended). Harmless if it already ended.
+pub fn wake_thread<T>(handle: &std::thread::JoinHandle<T>) {
+    use std::os::unix::thread::JoinHandleExt;
+    // SAFETY: the pthread_t of an unjoined JoinHandle is valid (glibc reports ESRCH for a thread
+    // that has ended); the signal has a do-nothing handler installed by install_wake_signal.
+    let _ = unsafe { libc::pthread_kill(handle.as_pthread_t(), wake_signal()) };
 }

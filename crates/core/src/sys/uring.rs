@@ -1,32 +1,61 @@
-//! A per-thread io_uring for file I/O: each queue thread installs one, and backends submit
-//! positional reads, writes, fdatasync and fallocate to it from their async fns. Completions are
-//! reaped by a task watching the ring's fd, so file I/O never blocks a queue's intake.
+//! A per-thread io_uring: each queue thread installs one, and backends submit positional reads,
+//! writes, fdatasync and fallocate to it from their async fns, so file I/O never blocks a queue's
+//! intake. A ring runs in one of two modes (see [`RingMode`]): *polled*, where a tokio task reaps
+//! completions when the ring's fd turns readable, or *driven*, where the queue's own loop sleeps
+//! in `io_uring_enter` and the ring also carries FUSE-over-io_uring commands (`fuse_uring`).
 //!
-//! Buffers are borrowed, not owned: an [`Op`] is only ever created and awaited inside this
-//! module's async fns (pinned in the caller's future), and its Drop waits for the kernel to finish
-//! with the buffer, so no memory the kernel still writes to is ever freed or reused.
+//! Buffers of one-shot operations are borrowed, not owned: an [`Op`] is only ever created and
+//! awaited inside this module's async fns (pinned in the caller's future), and its Drop waits for
+//! the kernel to finish with the buffer, so no memory the kernel still writes to is ever freed or
+//! reused. Long-lived operations ([`Persistent`] slots: FUSE entries, polls) only ever involve
+//! memory the ring itself owns, so they may stay with the kernel until the ring is gone.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-enum Slot {
+use super::fuse_uring::EntryMem;
+
+pub(super) enum Slot {
     Free,
+    /// A persistent slot with nothing in flight.
+    Idle,
     Pending(Option<Waker>),
     Done(i32),
 }
 
+/// How a ring is driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingMode {
+    /// Completions are reaped by [`reap_forever`] on a tokio runtime that polls the ring's fd;
+    /// every submission is handed to the kernel at once.
+    Polled,
+    /// The owning thread's loop calls [`Ring::wait`]: submissions wait in the queue until then
+    /// (several go in one `io_uring_enter`), and completion work runs only inside that call
+    /// (`IORING_SETUP_DEFER_TASKRUN`), which is what FUSE-over-io_uring entries rely on.
+    Driven,
+}
+
 /// One thread's ring and the table of operations in flight on it.
 pub struct Ring {
-    ring: RefCell<IoUring>,
-    slots: RefCell<Vec<Slot>>,
+    // Declared first so it is dropped first: the kernel is done with `entries` once the ring's
+    // fd is closed (see `fuse_uring`).
+    pub(super) ring: RefCell<IoUring<squeue::Entry128>>,
+    pub(super) slots: RefCell<Vec<Slot>>,
     free: RefCell<Vec<u32>>,
+    mode: RingMode,
+    /// Entries queued in the submission queue but not yet handed to the kernel (driven mode).
+    unsubmitted: Cell<bool>,
+    /// FUSE-over-io_uring entries' memory, owned by the ring (see `fuse_uring`).
+    pub(super) entries: RefCell<Vec<Box<EntryMem>>>,
+    /// The /dev/fuse fd those entries' commands go to.
+    pub(super) fuse_fd: RefCell<Option<OwnedFd>>,
 }
 
 thread_local! {
@@ -38,16 +67,36 @@ thread_local! {
 const ENTRIES: u32 = 256;
 
 impl Ring {
-    /// Creates a ring and makes it this thread's current one.
-    pub fn install() -> io::Result<Rc<Ring>> {
-        let ring = IoUring::builder().setup_single_issuer().setup_coop_taskrun().build(ENTRIES)?;
-        let ring = Rc::new(Ring {
+    /// Creates a ring and makes it this thread's current one. 128-byte submission entries in both
+    /// modes, because FUSE-over-io_uring commands need them.
+    pub fn install(mode: RingMode) -> io::Result<Rc<Ring>> {
+        let ring = Rc::new(Self::build(mode)?);
+        CURRENT.with(|c| *c.borrow_mut() = Some(ring.clone()));
+        Ok(ring)
+    }
+
+    fn build(mode: RingMode) -> io::Result<Ring> {
+        let mut builder = IoUring::<squeue::Entry128>::builder();
+        builder.setup_single_issuer();
+        match mode {
+            RingMode::Polled => builder.setup_coop_taskrun(),
+            RingMode::Driven => builder.setup_defer_taskrun(),
+        };
+        let ring = builder.build(ENTRIES)?;
+        Ok(Ring {
             ring: RefCell::new(ring),
             slots: RefCell::new((0..ENTRIES).map(|_| Slot::Free).collect()),
             free: RefCell::new((0..ENTRIES).rev().collect()),
-        });
-        CURRENT.with(|c| *c.borrow_mut() = Some(ring.clone()));
-        Ok(ring)
+            mode,
+            unsubmitted: Cell::new(false),
+            entries: RefCell::new(Vec::new()),
+            fuse_fd: RefCell::new(None),
+        })
+    }
+
+    /// Whether this kernel lets this thread create a ring in `mode` (the ring is closed again).
+    pub fn probe(mode: RingMode) -> io::Result<()> {
+        Self::build(mode).map(drop)
     }
 
     /// Removes this thread's ring (the queue is ending).
@@ -60,6 +109,10 @@ impl Ring {
         CURRENT.with(|c| c.borrow().clone())
     }
 
+    pub fn mode(&self) -> RingMode {
+        self.mode
+    }
+
     /// The ring's fd: readable when completions are waiting.
     pub fn fd(&self) -> RawFd {
         self.ring.borrow().as_raw_fd()
@@ -70,7 +123,8 @@ impl Ring {
         let mut ring = self.ring.borrow_mut();
         let mut slots = self.slots.borrow_mut();
         for cqe in ring.completion() {
-            if let Some(slot) = slots.get_mut(cqe.user_data() as usize) {
+            // Only a pending slot can complete; a stray completion has nobody to tell.
+            if let Some(slot @ Slot::Pending(_)) = slots.get_mut(cqe.user_data() as usize) {
                 if let Slot::Pending(Some(waker)) =
                     std::mem::replace(slot, Slot::Done(cqe.result()))
                 {
@@ -80,14 +134,46 @@ impl Ring {
         }
     }
 
-    /// Submits `entry`; `None` when no slot is free (the caller does the I/O synchronously).
+    /// Driven mode: hands every queued submission to the kernel, runs completion work and, if
+    /// `block`, sleeps until at least one completion is there; then reaps. Interrupted waits
+    /// return normally.
+    pub fn wait(&self, block: bool) -> io::Result<()> {
+        self.unsubmitted.set(false);
+        let r = {
+            let mut ring = self.ring.borrow_mut();
+            let to_submit = ring.submission().len() as u32;
+            // GETEVENTS even when not blocking: deferred completion work only runs then.
+            let flags = io_uring::EnterFlags::GETEVENTS.bits();
+            // SAFETY: no argument struct is passed (null, size of sigset_t is ignored without
+            // EXT_ARG); the queued entries were pushed under push()'s contract.
+            unsafe {
+                ring.submitter().enter::<libc::sigset_t>(to_submit, u32::from(block), flags, None)
+            }
+        };
+        match r {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+            Err(e) => return Err(e),
+        }
+        self.reap();
+        Ok(())
+    }
+
+    /// Hands queued submissions to the kernel without waiting (driven mode's last act).
+    pub fn flush(&self) -> io::Result<()> {
+        if self.unsubmitted.replace(false) {
+            self.ring.borrow().submit()?;
+        }
+        Ok(())
+    }
+
+    /// Queues `entry` with `user_data = idx`; submits at once in polled mode. False when the
+    /// submission queue stays full.
     ///
     /// # Safety
-    /// Every pointer in `entry` must stay valid until the returned [`Op`] completes or is
-    /// dropped: the caller awaits the Op in place, borrowing what the pointers point to.
-    unsafe fn submit(self: &Rc<Self>, entry: squeue::Entry) -> Option<Op> {
-        let idx = self.free.borrow_mut().pop()?;
-        self.slots.borrow_mut()[idx as usize] = Slot::Pending(None);
+    /// Every pointer in `entry` must stay valid until the operation completes: the caller
+    /// either borrows it for an [`Op`]'s whole life, or it is memory the ring owns.
+    pub(super) unsafe fn push(&self, entry: squeue::Entry128, idx: u32) -> bool {
         let entry = entry.user_data(idx as u64);
         let mut ring = self.ring.borrow_mut();
         // SAFETY: the caller guarantees the buffers outlive the operation (see above).
@@ -98,13 +184,34 @@ impl Ring {
             // SAFETY: as above.
             pushed = unsafe { ring.submission().push(&entry) }.is_ok();
         }
-        if !pushed {
-            drop(ring);
+        if pushed {
+            match self.mode {
+                // A failed enter (EAGAIN/EBUSY) leaves the entry queued; the next one submits it.
+                RingMode::Polled => drop(ring.submit()),
+                RingMode::Driven => self.unsubmitted.set(true),
+            }
+        }
+        pushed
+    }
+
+    fn take_slot(&self) -> Option<u32> {
+        let idx = self.free.borrow_mut().pop()?;
+        self.slots.borrow_mut()[idx as usize] = Slot::Pending(None);
+        Some(idx)
+    }
+
+    /// Submits `entry`; `None` when no slot is free (the caller does the I/O synchronously).
+    ///
+    /// # Safety
+    /// Every pointer in `entry` must stay valid until the returned [`Op`] completes or is
+    /// dropped: the caller awaits the Op in place, borrowing what the pointers point to.
+    unsafe fn submit(self: &Rc<Self>, entry: squeue::Entry) -> Option<Op> {
+        let idx = self.take_slot()?;
+        // SAFETY: forwarded from the caller.
+        if !unsafe { self.push(entry.into(), idx) } {
             self.release(idx);
             return None;
         }
-        // A failed enter (EAGAIN/EBUSY) leaves the entry queued; the next submit hands it over.
-        let _ = ring.submit();
         Some(Op { ring: self.clone(), idx, finished: false })
     }
 
@@ -119,14 +226,97 @@ impl Ring {
             if let Slot::Done(_) = self.slots.borrow()[idx as usize] {
                 return;
             }
+            self.unsubmitted.set(false);
             let _ = self.ring.borrow().submit_and_wait(1);
             self.reap();
+        }
+    }
+
+    /// A slot for a long-lived operation of this thread; `None` when the table is full.
+    pub fn persistent(&self) -> Option<Persistent> {
+        let idx = self.take_slot()?;
+        self.slots.borrow_mut()[idx as usize] = Slot::Idle;
+        Some(Persistent { idx })
+    }
+
+    /// Marks `slot` as waited for; false if something is still in flight on it.
+    pub(super) fn arm(&self, slot: &Persistent) -> bool {
+        let mut slots = self.slots.borrow_mut();
+        let s = &mut slots[slot.idx as usize];
+        if matches!(s, Slot::Idle | Slot::Done(_)) {
+            *s = Slot::Pending(None);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Arms a one-shot poll for readability (or error/hang-up) of `fd` on `slot`; await
+    /// [`Ring::completion`] for the result (the poll mask, or -errno).
+    pub fn poll_readable(&self, slot: &Persistent, fd: BorrowedFd<'_>) -> io::Result<()> {
+        if !self.arm(slot) {
+            return Err(io::Error::other("a poll is already armed on this slot"));
+        }
+        let mask = (libc::POLLIN | libc::POLLERR | libc::POLLHUP) as u32;
+        let entry = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), mask).build();
+        // SAFETY: a poll carries no buffer; the kernel holds its own reference to the file.
+        if unsafe { self.push(entry.into(), slot.idx) } {
+            Ok(())
+        } else {
+            self.slots.borrow_mut()[slot.idx as usize] = Slot::Idle;
+            Err(io::Error::other("the io_uring submission queue is full"))
+        }
+    }
+
+    /// Waits for the operation armed on `slot` to complete; resolves to its result.
+    pub fn completion<'a>(&'a self, slot: &'a Persistent) -> Completion<'a> {
+        self.completion_at(slot.idx)
+    }
+
+    pub(super) fn completion_at(&self, idx: u32) -> Completion<'_> {
+        Completion { ring: self, idx }
+    }
+}
+
+/// A slot for long-lived operations (a FUSE entry's fetch, a poll), reused one operation after
+/// another. What is in flight on it may outlive any wait for it: it involves no memory but the
+/// ring's own.
+pub struct Persistent {
+    pub(super) idx: u32,
+}
+
+/// The result of the operation armed on a [`Persistent`] slot. Dropping it leaves the operation
+/// in flight.
+pub struct Completion<'a> {
+    ring: &'a Ring,
+    idx: u32,
+}
+
+impl Future for Completion<'_> {
+    type Output = i32;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<i32> {
+        let mut slots = self.ring.slots.borrow_mut();
+        let slot = &mut slots[self.idx as usize];
+        match slot {
+            Slot::Done(res) => {
+                let res = *res;
+                *slot = Slot::Idle;
+                Poll::Ready(res)
+            }
+            Slot::Pending(waker) => {
+                match waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => *waker = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+            Slot::Idle | Slot::Free => Poll::Ready(-libc::EINVAL),
         }
     }
 }
 
 /// Reaps completions whenever the ring's fd turns readable. Runs as one task per queue thread
-/// for as long as the queue lives.
+/// for as long as the queue lives (polled mode).
 pub async fn reap_forever(ring: Rc<Ring>) -> io::Result<()> {
     struct RingFd(RawFd);
     impl AsRawFd for RingFd {
@@ -183,7 +373,7 @@ impl Future for Op {
                 }
                 Poll::Pending
             }
-            Slot::Free => Poll::Ready(-libc::EIO),
+            Slot::Free | Slot::Idle => Poll::Ready(-libc::EIO),
         }
     }
 }

@@ -2,8 +2,11 @@
 //! and halting. The only layer that talks to the kernel (through `crate::sys`).
 
 mod buffer;
+mod executor;
 pub mod mount;
 pub mod queue;
+mod reply;
+pub mod ring_queue;
 pub mod session;
 
-pub use session::{Session, SessionConfig, SessionEvent, MAX_TRANSFER};
+pub use session::{IoUringMode, Session, SessionConfig, SessionEvent, MAX_TRANSFER};

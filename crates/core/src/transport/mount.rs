@@ -265,19 +265,6 @@ fn canonical_parent(path: &Path) -> std::io::Result<PathBuf> {
     Ok(std::fs::canonicalize(dir)?.join(name))
 }
 
-/// Opens, for writing, the fusectl `abort` file of the FUSE mount just made on `mountpoint`
-/// (`/sys/fs/fuse/connections/<minor>/abort`): writing to it ends the connection, which wakes
-/// every reader of /dev/fuse. None when fusectl is not mounted or the file is not ours to write.
-pub fn open_abort_file(mountpoint: &Path) -> Option<std::fs::File> {
-    // Not a stat of the mountpoint: that would be a FUSE request nobody serves yet.
-    let mountpoint = canonical_parent(mountpoint).ok()?;
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let (_, dev) = top_mount(&info, &mountpoint)?;
-    let minor: u32 = dev.split_once(':')?.1.parse().ok()?;
-    let path = format!("/sys/fs/fuse/connections/{minor}/abort");
-    std::fs::OpenOptions::new().write(true).open(path).ok()
-}
-
 /// The mountinfo mount point field (escaped as mountinfo has it) and the MAJ:MIN of the topmost
 /// mount on `path`: later lines are mounted on top of earlier ones.
 fn top_mount<'a>(info: &'a str, path: &Path) -> Option<(&'a str, &'a str)> {

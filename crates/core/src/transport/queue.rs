@@ -1,23 +1,25 @@
 //! One /dev/fuse queue: its fd, its thread's current-thread runtime, and the workers that read,
 //! dispatch and answer requests on it. Replies always go to the fd the request came from.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::Notify;
 
 use super::buffer::RequestBuffer;
+use super::reply::{reply_for, Body};
 use crate::export::{Export, Outcome};
-use crate::protocol::abi::size;
 use crate::protocol::decode::{decode, DecodeError, HaltReason};
-use crate::protocol::encode::{out_header, MAX_SMALL_REPLY};
+use crate::protocol::encode::MAX_SMALL_REPLY;
 use crate::sys;
-use crate::sys::uring::{self, Ring};
+use crate::sys::uring::{self, Ring, RingMode};
 
 /// Why the queues stopped on their own.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,12 +34,12 @@ pub enum StopCause {
 pub struct Shared {
     pub export: Export,
     stop: AtomicBool,
-    stop_notify: Notify,
+    pub(super) stop_notify: Notify,
     /// The first reason the queues stopped by themselves, reported once.
     on_stop: Box<dyn Fn(StopCause) + Send + Sync>,
     stopped_reported: AtomicBool,
     /// Requests being served, per queue.
-    in_flight: Vec<AtomicU64>,
+    pub(super) in_flight: Vec<AtomicU64>,
     pub max_write: usize,
 }
 
@@ -88,7 +90,7 @@ impl Shared {
         self.stopped_reported.store(true, Ordering::Release);
     }
 
-    fn stop_by_itself(&self, cause: StopCause) {
+    pub(super) fn stop_by_itself(&self, cause: StopCause) {
         self.request_stop();
         if !self.stopped_reported.swap(true, Ordering::AcqRel) {
             (self.on_stop)(cause);
@@ -128,7 +130,7 @@ pub fn run_queue_at(
     let result = local.block_on(&rt, async move {
         // File I/O of this queue's requests goes through this thread's ring (see sys::uring);
         // without io_uring the backends fall back to synchronous I/O.
-        match Ring::install() {
+        match Ring::install(RingMode::Polled) {
             Ok(ring) => {
                 tokio::task::spawn_local(async move {
                     if let Err(e) = uring::reap_forever(ring).await {
@@ -173,7 +175,7 @@ enum Source {
 }
 
 /// What a read from /dev/fuse means for the queue.
-enum Received {
+pub(super) enum Received {
     Request(usize),
     /// Nothing to read now (or interrupted): try again.
     Retry,
@@ -181,7 +183,7 @@ enum Received {
     Stop,
 }
 
-fn classify(shared: &Shared, r: io::Result<usize>) -> Received {
+pub(super) fn classify(shared: &Shared, r: io::Result<usize>) -> Received {
     match r {
         // End of stream: only a fake device's peer can close; /dev/fuse says ENODEV.
         Ok(0) => {
@@ -205,24 +207,31 @@ fn classify(shared: &Shared, r: io::Result<usize>) -> Received {
     }
 }
 
-/// Reads one request into `buf`. `None` when the export is stopping.
-async fn receive(
-    intake: &Intake,
+/// Waits for the intake's turn. `None` when the export is stopping.
+async fn take_turn<'a>(
+    intake: &'a Intake,
     shared: &Shared,
-    buf: &mut RequestBuffer,
-    in_flight: &AtomicU64,
-) -> Option<(usize, Source)> {
+) -> Option<tokio::sync::MutexGuard<'a, ()>> {
     let stop = shared.stop_notify.notified();
     tokio::pin!(stop);
     stop.as_mut().enable();
     if shared.stopping() {
         return None;
     }
-    let _turn = tokio::select! {
+    tokio::select! {
         biased;
-        _ = &mut stop => return None,
-        t = intake.turn.lock() => t,
-    };
+        _ = &mut stop => None,
+        t = intake.turn.lock() => Some(t),
+    }
+}
+
+/// Reads one request into `buf` (the caller holds the turn). `None` when the export is stopping.
+async fn receive(
+    intake: &Intake,
+    shared: &Shared,
+    buf: &mut RequestBuffer,
+    in_flight: &AtomicU64,
+) -> Option<(usize, Source)> {
     loop {
         if shared.stopping() {
             return None;
@@ -236,6 +245,18 @@ async fn receive(
                 Received::Retry => continue,
                 Received::Stop => return None,
             }
+        }
+        // Try the non-blocking read first: under load a request is usually waiting.
+        match classify(shared, sys::read(intake.fd.get_ref().as_fd(), buf.receive_area())) {
+            Received::Request(n) => return Some((n, Source::Polled)),
+            Received::Stop => return None,
+            Received::Retry => {}
+        }
+        let stop = shared.stop_notify.notified();
+        tokio::pin!(stop);
+        stop.as_mut().enable();
+        if shared.stopping() {
+            return None;
         }
         let mut guard = tokio::select! {
             biased;
@@ -260,15 +281,34 @@ async fn receive(
     }
 }
 
+/// Serves requests while holding the turn as long as each one completes without waiting (the
+/// null backend, page-cache reads): then one worker loops read, handle, reply, with no task
+/// switch, like a blocking server. A request that has to wait (file I/O) passes the turn on to
+/// the next idle worker first, and this worker gets back in line after it.
 async fn worker(intake: Rc<Intake>, shared: Arc<Shared>, mut buf: RequestBuffer, queue: usize) {
     let mut small = [0u8; MAX_SMALL_REPLY];
     let in_flight = &shared.in_flight[queue.min(shared.in_flight.len() - 1)];
-    while let Some((n, source)) = receive(&intake, &shared, &mut buf, in_flight).await {
-        in_flight.fetch_add(1, Ordering::Relaxed);
-        let keep_going = serve_one(&intake, source, &shared, &mut buf, n, &mut small).await;
-        in_flight.fetch_sub(1, Ordering::Relaxed);
-        if !keep_going {
-            break;
+    while let Some(turn) = take_turn(&intake, &shared).await {
+        let mut turn = Some(turn);
+        while turn.is_some() {
+            let Some((n, source)) = receive(&intake, &shared, &mut buf, in_flight).await else {
+                return;
+            };
+            in_flight.fetch_add(1, Ordering::Relaxed);
+            let serve = serve_one(&intake, source, &shared, &mut buf, n, &mut small);
+            tokio::pin!(serve);
+            let first = std::future::poll_fn(|cx| Poll::Ready(serve.as_mut().poll(cx))).await;
+            let keep_going = match first {
+                Poll::Ready(keep_going) => keep_going,
+                Poll::Pending => {
+                    turn = None;
+                    serve.await
+                }
+            };
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+            if !keep_going {
+                return;
+            }
         }
     }
 }
@@ -312,14 +352,12 @@ async fn reply(
     small: &[u8; MAX_SMALL_REPLY],
     buf: &mut RequestBuffer,
 ) {
-    let (error, body): (i32, &[u8]) = match outcome {
-        Outcome::NoReply => return,
-        Outcome::Error(errno) => (-errno, &[]),
-        Outcome::Small(n) => (0, &small[..n]),
-        Outcome::Data(n) => (0, &buf.data()[..n]),
+    let Some((header, body)) = reply_for(unique, outcome) else { return };
+    let body: &[u8] = match body {
+        Body::None => &[],
+        Body::Small(n) => &small[..n],
+        Body::Data(n) => &buf.data()[..n],
     };
-    let mut header = [0u8; size::OUT_HEADER];
-    out_header(&mut header, (size::OUT_HEADER + body.len()) as u32, error, unique);
     let fd = match (source, &intake.idle) {
         (Source::Idle, Some(idle)) => idle.as_fd(),
         _ => intake.fd.get_ref().as_fd(),

@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 
 use super::mount::{self, MountMethod, MountOptions, UnmountGuard};
 use super::queue::{run_queue_at, Shared, StopCause};
+use super::ring_queue::{plan_ring_queues, run_ring_queue};
 use crate::backend::{Backend, BlockBackend};
 use crate::error::{Error, Result};
 use crate::export::{negotiate_init, Export, InitLimits, Negotiated};
@@ -17,6 +18,7 @@ use crate::protocol::abi::{opcode, size, KERNEL_MINOR_VERSION};
 use crate::protocol::decode::{decode, DecodeError, Op};
 use crate::protocol::encode::{init_out, out_header, MAX_SMALL_REPLY};
 use crate::sys;
+use crate::sys::uring::{Ring, RingMode};
 
 /// Largest READ and WRITE we negotiate: 1 MiB, with FUSE_MAX_PAGES (QEMU stops at 64 KiB).
 pub const MAX_TRANSFER: u32 = 1 << 20;
@@ -27,6 +29,19 @@ pub struct SessionConfig {
     pub allow_other: bool,
     /// Number of /dev/fuse queues, each with its own thread (>= 1).
     pub threads: usize,
+    /// Whether requests come through FUSE-over-io_uring or read(2).
+    pub io_uring: IoUringMode,
+}
+
+/// How requests reach the queues (`ioUring` in the TS API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoUringMode {
+    /// read(2) and writev(2) on /dev/fuse.
+    Off,
+    /// FUSE-over-io_uring when the kernel offers it, else read(2).
+    Auto,
+    /// FUSE-over-io_uring or fail.
+    On,
 }
 
 /// Something the session reports on its own, outside any call.
@@ -43,10 +58,12 @@ pub struct Session {
     mount: Option<(PathBuf, MountMethod)>,
     /// Removes the mount if this process dies without unmounting it.
     guard: Option<UnmountGuard>,
-    /// The connection's fusectl `abort` file, when its single queue sleeps in read(2) while
-    /// idle: the only way to wake that read if the connection outlives the unmount.
-    abort: Option<std::fs::File>,
+    /// Whether queues sleep in a blocking read(2) while idle: close() then wakes them with
+    /// [`sys::wake_signal`].
+    idle_reads: bool,
     negotiated: Negotiated,
+    /// Why `IoUringMode::Auto` serves by read(2), when it does.
+    io_uring_fallback: Option<String>,
 }
 
 type EventSink = Box<dyn Fn(SessionEvent) + Send + Sync>;
@@ -58,6 +75,24 @@ impl Session {
         if cfg.threads == 0 {
             return Err(Error::InvalidConfig("threads must be at least 1".into()));
         }
+        let mut io_uring_fallback = None;
+        let want_uring = match cfg.io_uring {
+            IoUringMode::Off => false,
+            // One thread would serve every CPU's ring queue from one place, never beside its
+            // clients; read(2) with run-to-completion workers is faster there (docs/DESIGN.md).
+            IoUringMode::Auto if cfg.threads == 1 => {
+                io_uring_fallback = Some(ONE_THREAD_FALLBACK.to_string());
+                false
+            }
+            mode => match io_uring_support(ENABLE_URING) {
+                Ok(()) => true,
+                Err(reason) if mode == IoUringMode::On => return Err(Error::IoUring(reason)),
+                Err(reason) => {
+                    io_uring_fallback = Some(reason);
+                    false
+                }
+            },
+        };
         let read_only = !export.options().writable;
         let opts = MountOptions {
             mountpoint: cfg.mountpoint.clone(),
@@ -76,28 +111,41 @@ impl Session {
             e
         };
         let page = sys::page_size() as u32;
-        let negotiated = answer_init(&fd, InitLimits { max_write: MAX_TRANSFER, page_size: page })
-            .map_err(unmount_on_error)?;
+        let limits = InitLimits { max_write: MAX_TRANSFER, page_size: page, io_uring: want_uring };
+        let negotiated = answer_init(&fd, limits).map_err(unmount_on_error)?;
+        if want_uring && !negotiated.io_uring {
+            let reason = "the kernel did not offer FUSE_OVER_IO_URING in INIT".to_string();
+            if cfg.io_uring == IoUringMode::On {
+                return Err(unmount_on_error(Error::IoUring(reason)));
+            }
+            io_uring_fallback = Some(reason);
+        }
 
         let mut fds = vec![fd];
         for _ in 1..cfg.threads {
             fds.push(clone_fd(&fds[0]).map_err(unmount_on_error)?);
         }
-        // One queue: it may sleep in a blocking read while idle, if close() can wake it.
-        let (idle, abort) = match mount::open_abort_file(&cfg.mountpoint) {
-            Some(abort) if cfg.threads == 1 => match clone_fd(&fds[0]) {
-                Ok(idle) => (Some(idle), Some(abort)),
-                Err(e) => {
-                    log::warn!("{e}; the queue waits through epoll only");
-                    (None, None)
-                }
-            },
-            _ => (None, None),
-        };
+        if negotiated.io_uring {
+            let mut session =
+                Self::run_rings(export, fds, (cfg.mountpoint, method), negotiated, on_event)?;
+            session.guard = guard;
+            return Ok(session);
+        }
+        // Every queue may sleep in a blocking read while idle, if close() can wake it.
+        let idle = match sys::install_wake_signal() {
+            Ok(()) => fds.iter().map(|fd| clone_fd(fd).map(Some)).collect::<Result<Vec<_>>>(),
+            Err(e) => {
+                log::warn!(
+                    "cannot install the queues' wake-up signal ({e}); they wait through epoll"
+                );
+                Ok(fds.iter().map(|_| None).collect())
+            }
+        }
+        .map_err(unmount_on_error)?;
         let mut session =
             Self::run(export, fds, idle, Some((cfg.mountpoint, method)), negotiated, on_event)?;
         session.guard = guard;
-        session.abort = abort;
+        session.io_uring_fallback = io_uring_fallback;
         Ok(session)
     }
 
@@ -105,19 +153,22 @@ impl Session {
     /// socketpair) that stands in for an already initialised `/dev/fuse` connection: no mount, no
     /// INIT. For tests that feed crafted byte streams through the real request path.
     pub fn serve_fake_device(export: Export, fd: OwnedFd, on_event: EventSink) -> Result<Session> {
-        let negotiated =
-            Negotiated { minor: KERNEL_MINOR_VERSION, flags: 0, max_write: MAX_TRANSFER };
-        Self::run(export, vec![fd], None, None, negotiated, on_event)
+        let negotiated = Negotiated {
+            minor: KERNEL_MINOR_VERSION,
+            flags: 0,
+            max_write: MAX_TRANSFER,
+            io_uring: false,
+        };
+        Self::run(export, vec![fd], vec![None], None, negotiated, on_event)
     }
 
-    fn run(
+    fn new(
         export: Export,
-        fds: Vec<OwnedFd>,
-        mut idle: Option<OwnedFd>,
+        queues: usize,
         mount: Option<(PathBuf, MountMethod)>,
         negotiated: Negotiated,
         on_event: EventSink,
-    ) -> Result<Session> {
+    ) -> Session {
         let on_stop = Box::new(move |cause: StopCause| match cause {
             StopCause::Halt(reason) => on_event(SessionEvent::Halt { reason }),
             StopCause::Disconnected => on_event(SessionEvent::Halt {
@@ -126,18 +177,75 @@ impl Session {
             }),
         });
         let max_write = negotiated.max_write as usize;
-        let shared = Arc::new(Shared::with_queues(export, max_write, fds.len(), on_stop));
-        let mut session = Session {
+        let shared = Arc::new(Shared::with_queues(export, max_write, queues, on_stop));
+        Session {
             shared,
-            threads: Vec::with_capacity(fds.len()),
+            threads: Vec::with_capacity(queues),
             mount,
             guard: None,
-            abort: None,
+            idle_reads: false,
             negotiated,
-        };
-        for (i, fd) in fds.into_iter().enumerate() {
+            io_uring_fallback: None,
+        }
+    }
+
+    /// Serves the connection through FUSE-over-io_uring: one thread per fd in `fds`, each
+    /// registering its share of the kernel's per-CPU queues' entries. Returns once every entry
+    /// is registered; an error (with everything stopped and unmounted) if one cannot be.
+    fn run_rings(
+        export: Export,
+        fds: Vec<OwnedFd>,
+        mount: (PathBuf, MountMethod),
+        negotiated: Negotiated,
+        on_event: EventSink,
+    ) -> Result<Session> {
+        let page = sys::page_size();
+        let plans = plan_ring_queues(fds.len(), kernel_queue_count(), negotiated.max_write, page);
+        let mut session = Self::new(export, fds.len(), Some(mount), negotiated, on_event);
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        for (fd, plan) in fds.into_iter().zip(plans) {
             let queue_shared = session.shared.clone();
-            let queue_idle = idle.take();
+            let started = started_tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("blockfuse-r{}", plan.index))
+                .spawn(move || run_ring_queue(fd, queue_shared, plan, started));
+            match spawned {
+                Ok(t) => session.threads.push(t),
+                Err(e) => {
+                    let _ = session.shutdown();
+                    return Err(Error::Internal(format!("cannot start queue thread: {e}")));
+                }
+            }
+        }
+        drop(started_tx);
+        let mut failure = None;
+        for _ in 0..session.threads.len() {
+            match started_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(reason)) => failure = failure.or(Some(reason)),
+                Err(_) => failure = failure.or(Some("a queue thread ended during setup".into())),
+            }
+        }
+        if let Some(reason) = failure {
+            // Stop the queues that did register; unmounting ends the connection for them.
+            let _ = session.shutdown();
+            return Err(Error::IoUring(reason));
+        }
+        Ok(session)
+    }
+
+    fn run(
+        export: Export,
+        fds: Vec<OwnedFd>,
+        idle: Vec<Option<OwnedFd>>,
+        mount: Option<(PathBuf, MountMethod)>,
+        negotiated: Negotiated,
+        on_event: EventSink,
+    ) -> Result<Session> {
+        let mut session = Self::new(export, fds.len(), mount, negotiated, on_event);
+        session.idle_reads = idle.iter().any(Option::is_some);
+        for (i, (fd, queue_idle)) in fds.into_iter().zip(idle).enumerate() {
+            let queue_shared = session.shared.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("blockfuse-q{i}"))
                 .spawn(move || run_queue_at(fd, queue_idle, queue_shared, i));
@@ -158,6 +266,20 @@ impl Session {
 
     pub fn negotiated(&self) -> Negotiated {
         self.negotiated
+    }
+
+    /// Whether requests come through FUSE-over-io_uring.
+    pub fn io_uring(&self) -> bool {
+        self.negotiated.io_uring
+    }
+
+    pub(crate) fn set_io_uring_fallback(&mut self, reason: String) {
+        self.io_uring_fallback = Some(reason);
+    }
+
+    /// Why an `IoUringMode::Auto` session serves by read(2), if it does.
+    pub fn io_uring_fallback(&self) -> Option<&str> {
+        self.io_uring_fallback.as_deref()
     }
 
     /// Requests being served right now, per queue.
@@ -182,7 +304,7 @@ impl Session {
             }
         }
         self.shared.request_stop();
-        self.wake_idle_reader();
+        self.wake_idle_readers();
         let mut failure = None;
         for t in self.threads.drain(..) {
             match t.join() {
@@ -203,32 +325,27 @@ impl Session {
 }
 
 impl Session {
-    /// A queue sleeping in read(2) while idle wakes when the connection ends. The unmount ends it
-    /// unless a client still holds the file open (the unmount is lazy); then the connection is
-    /// aborted, as closing our /dev/fuse fds would do: such clients get ENOTCONN.
-    fn wake_idle_reader(&mut self) {
-        let Some(mut abort) = self.abort.take() else { return };
-        // Only a queue with nothing in flight can be asleep in read(2); one serving requests
-        // stops after them by itself, and aborting would lose their replies.
-        let mut idle_since = std::time::Instant::now();
+    /// A queue sleeping in read(2) while idle wakes when the connection ends, which the unmount
+    /// does unless a client still holds the file open (the unmount is lazy). So each queue
+    /// thread gets the wake signal until it has stopped; its read returns EINTR and it sees the
+    /// stop flag. (A busy queue stops by itself after its current request; the signal only
+    /// makes some syscall of it return EINTR, which every caller retries.)
+    fn wake_idle_readers(&mut self) {
+        if !self.idle_reads {
+            return;
+        }
         while self.threads.iter().any(|t| !t.is_finished()) {
-            if self.shared.in_flight().iter().any(|&n| n > 0) {
-                idle_since = std::time::Instant::now();
-            } else if idle_since.elapsed() >= IDLE_WAKE_GRACE {
-                use std::io::Write;
-                if let Err(e) = abort.write_all(b"1") {
-                    log::error!("cannot abort the FUSE connection to stop its queue: {e}");
-                }
-                return;
+            for t in self.threads.iter().filter(|t| !t.is_finished()) {
+                sys::wake_thread(t);
             }
-            std::thread::sleep(std::time::Duration::from_millis(1));
+            std::thread::sleep(WAKE_INTERVAL);
         }
     }
 }
 
-/// How long close() lets an idle queue stop by itself before it aborts the connection. When the
-/// unmount ended the connection (no client holds the file open) the queue stops at once.
-const IDLE_WAKE_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+/// How often close() signals queues that have not stopped yet: a signal that lands just
+/// before a queue enters read(2) does not interrupt it, the next one does.
+const WAKE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
 
 impl Drop for Session {
     fn drop(&mut self) {
@@ -239,6 +356,42 @@ impl Drop for Session {
 /// Flushes the backend from the closing thread, on a throwaway current-thread runtime.
 fn flush_now(backend: &Backend) -> std::io::Result<()> {
     tokio::runtime::Builder::new_current_thread().build()?.block_on(backend.flush())
+}
+
+/// Where the kernel says whether FUSE-over-io_uring may be used.
+const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Why `IoUringMode::Auto` with one thread serves by read(2).
+pub const ONE_THREAD_FALLBACK: &str =
+    "with one thread, read(2) on /dev/fuse is faster; io_uring is used with threads >= 2";
+
+/// Whether this machine lets us serve through FUSE-over-io_uring (`param`: the kernel's
+/// `enable_uring` file); the reason when not.
+pub(crate) fn io_uring_support(param: &str) -> std::result::Result<(), String> {
+    match std::fs::read_to_string(param) {
+        Ok(v) if v.trim() == "Y" || v.trim() == "1" => {}
+        Ok(_) => {
+            return Err(format!(
+                "the kernel has it switched off ({param} is N; as root: echo Y > {param})"
+            ))
+        }
+        Err(e) => {
+            return Err(format!(
+                "this kernel has no FUSE-over-io_uring ({param}: {e}; it needs Linux 6.14 or \
+                 newer built with CONFIG_FUSE_IO_URING)"
+            ))
+        }
+    }
+    Ring::probe(RingMode::Driven)
+        .map_err(|e| format!("cannot create an io_uring with deferred task work (Linux 6.1+): {e}"))
+}
+
+/// The kernel's FUSE-over-io_uring queues: one per possible CPU (`num_possible_cpus()`).
+fn kernel_queue_count() -> usize {
+    std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .ok()
+        .and_then(|list| super::ring_queue::count_cpu_list(list.trim()))
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 fn clone_fd(session: &OwnedFd) -> Result<OwnedFd> {
@@ -269,7 +422,7 @@ fn answer_init(fd: &OwnedFd, limits: InitLimits) -> Result<Negotiated> {
             return Err(Error::Init("the kernel's INIT request is too short".into()))
         }
     };
-    let Op::Init { major, minor, max_readahead, flags } = req.op else {
+    let Op::Init { major, minor, max_readahead, flags, flags2 } = req.op else {
         return Err(Error::Init(format!(
             "expected INIT as the first request, got opcode {} ({})",
             req.header.opcode,
@@ -278,13 +431,14 @@ fn answer_init(fd: &OwnedFd, limits: InitLimits) -> Result<Negotiated> {
     };
     let mut body = [0u8; MAX_SMALL_REPLY];
     let mut header = [0u8; size::OUT_HEADER];
-    let (len, error, result) = match negotiate_init(major, minor, max_readahead, flags, limits) {
-        Ok((out, negotiated)) => (init_out(&mut body, &out), 0, Ok(negotiated)),
-        Err(reason) => {
-            log::error!("{reason}");
-            (0, -libc::EPROTO, Err(Error::Init(reason)))
-        }
-    };
+    let (len, error, result) =
+        match negotiate_init(major, minor, max_readahead, flags, flags2, limits) {
+            Ok((out, negotiated)) => (init_out(&mut body, &out), 0, Ok(negotiated)),
+            Err(reason) => {
+                log::error!("{reason}");
+                (0, -libc::EPROTO, Err(Error::Init(reason)))
+            }
+        };
     out_header(&mut header, (size::OUT_HEADER + len) as u32, error, req.header.unique);
     sys::writev(fd.as_fd(), &[IoSlice::new(&header), IoSlice::new(&body[..len])])
         .map_err(|e| Error::Init(format!("answering INIT failed: {e}")))?;

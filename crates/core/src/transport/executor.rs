@@ -1,0 +1,108 @@
+//! The executor of a FUSE-over-io_uring queue thread: polls the thread's tasks when they are
+//! woken and, when none is ready, sleeps in the ring's `io_uring_enter`, which also hands the
+//! kernel every submission the tasks queued meanwhile (replies, file I/O) in one call.
+//!
+//! Why not tokio here: tokio's current-thread runtime sleeps in `epoll_wait`, but the ring's
+//! completion work (DEFER_TASKRUN, which FUSE entries need, see `sys::fuse_uring`) only runs
+//! inside `io_uring_enter`; waiting there directly saves a syscall per wake-up and lets one
+//! enter carry a whole batch. Tasks may still use tokio's runtime-independent parts (sync
+//! primitives); nothing on a queue thread needs tokio's reactor or timers.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::ThreadId;
+
+use crate::sys;
+use crate::sys::uring::Ring;
+
+/// A task of the executor: pinned once at start, never moved or reallocated.
+pub type Task<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;
+
+/// Which tasks were woken since they were last polled.
+struct WakeState {
+    ready: Box<[AtomicBool]>,
+    any: AtomicBool,
+    owner: ThreadId,
+    /// Signalled by wakes from other threads (a stop request, a backend's helper thread): the
+    /// ring polls it, so a sleeping loop wakes up.
+    eventfd: OwnedFd,
+}
+
+struct TaskWaker {
+    state: Arc<WakeState>,
+    index: usize,
+}
+
+impl Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.state.ready[self.index].store(true, Ordering::Release);
+        self.state.any.store(true, Ordering::Release);
+        if std::thread::current().id() != self.state.owner {
+            sys::eventfd_signal(self.state.eventfd.as_fd());
+        }
+    }
+}
+
+/// Runs `tasks` on this thread's driven `ring` until `finished()` holds (checked whenever the
+/// woken tasks have run) or every task has returned. Submissions still queued then are handed
+/// to the kernel before returning.
+pub fn run(ring: &Ring, tasks: Vec<Task<'_>>, finished: impl Fn() -> bool) -> io::Result<()> {
+    let eventfd = sys::eventfd()?;
+    let listen_slot =
+        ring.persistent().ok_or_else(|| io::Error::other("the io_uring slot table is full"))?;
+    let state = Arc::new(WakeState {
+        ready: (0..=tasks.len()).map(|_| AtomicBool::new(true)).collect(),
+        any: AtomicBool::new(true),
+        owner: std::thread::current().id(),
+        eventfd,
+    });
+    let efd = state.eventfd.as_fd();
+    // The last task re-arms the poll on the eventfd each time it fires.
+    let listener: Task<'_> = Box::pin(async {
+        loop {
+            if let Err(e) = ring.poll_readable(&listen_slot, efd) {
+                log::error!("cannot watch for cross-thread wake-ups: {e}");
+                return;
+            }
+            ring.completion(&listen_slot).await;
+            sys::eventfd_drain(efd);
+        }
+    });
+    let mut tasks = tasks;
+    let workers = tasks.len();
+    tasks.push(listener);
+    let wakers: Vec<Waker> = (0..tasks.len())
+        .map(|index| Waker::from(Arc::new(TaskWaker { state: state.clone(), index })))
+        .collect();
+    let mut done = vec![false; tasks.len()];
+    let mut running = workers;
+    loop {
+        while state.any.swap(false, Ordering::AcqRel) {
+            for (i, task) in tasks.iter_mut().enumerate() {
+                if done[i] || !state.ready[i].swap(false, Ordering::AcqRel) {
+                    continue;
+                }
+                let mut cx = Context::from_waker(&wakers[i]);
+                if let Poll::Ready(()) = task.as_mut().poll(&mut cx) {
+                    done[i] = true;
+                    if i < workers {
+                        running -= 1;
+                    }
+                }
+            }
+        }
+        if running == 0 || finished() {
+            return ring.flush();
+        }
+        ring.wait(true)?;
+    }
+}
