@@ -10,6 +10,7 @@ const before: ExportStats = {
   bytesWritten: 0,
   errors: 0,
   inFlight: [0, 0],
+  served: [60, 44],
   lostReplies: 0,
 }
 const after: ExportStats = {
@@ -18,6 +19,7 @@ const after: ExportStats = {
   bytesWritten: 10 * 65536,
   errors: 1,
   inFlight: [3, 1],
+  served: [7000, 5120],
   lostReplies: 0,
 }
 
@@ -30,6 +32,7 @@ test('the JSON event carries every counter under the names of ExportStats', (t) 
     bytesWritten: 655360,
     errors: 1,
     inFlight: [3, 1],
+    served: [7000, 5120],
     lostReplies: 0,
   })
 })

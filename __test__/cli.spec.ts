@@ -127,7 +127,7 @@ test('ready / SIGINT cycle: cmp sees the image, SIGINT unmounts and exits 0', as
   const before = await stat(f.mountpoint)
   const cli = startExport(t, [f.image, f.mountpoint])
   const ready = await cli.waitForLine(/^ready/)
-  t.is(ready, `ready: ${f.image} exported at ${f.mountpoint} (raw, ${4 * MiB} bytes, read-only, 1 thread)`)
+  t.is(ready, `ready: ${f.image} exported at ${f.mountpoint} (raw, ${4 * MiB} bytes, read-only, 1 thread, read(2))`)
   t.is(cli.lines.length, 1, 'exactly one line before the export is used')
   t.true(await isMounted(f.mountpoint))
   await mustRun('cmp', [f.image, f.mountpoint])
@@ -192,7 +192,7 @@ test('null:<size> exports zeros of that size', async (t) => {
   const cli = startExport(t, ['null:3M', f.mountpoint])
   t.is(
     await cli.waitForLine(/^ready/),
-    `ready: null:${3 * MiB} exported at ${f.mountpoint} (null, ${3 * MiB} bytes, read-only, 1 thread)`,
+    `ready: null:${3 * MiB} exported at ${f.mountpoint} (null, ${3 * MiB} bytes, read-only, 1 thread, read(2))`,
   )
   t.is((await stat(f.mountpoint)).size, 3 * MiB)
   await mustRun('cmp', ['-n', String(3 * MiB), f.mountpoint, '/dev/zero'])

@@ -30,9 +30,15 @@ test.before(() => {
   assertE2eEnvironment(['python3', 'findmnt'])
 })
 
-for (const threads of [1, 4]) {
+for (const [threads, ioUring] of [
+  [1, 'off'],
+  [4, 'off'],
+  [1, 'on'],
+  [4, 'on'],
+] as const) {
+  const intake = ioUring === 'on' ? 'io_uring' : 'read(2)'
   test.serial(
-    `close() during ${WRITERS} O_DIRECT writers (${threads} thread(s)): every acknowledged write is in the image`,
+    `close() during ${WRITERS} O_DIRECT writers (${threads} thread(s), ${intake}): every acknowledged write is in the image`,
     async (t) => {
       const dir = await tempDir(t)
       const image = join(dir, 'img.raw')
@@ -40,7 +46,8 @@ for (const threads of [1, 4]) {
       await (await open(image, 'w')).close()
       await truncate(image, IMAGE)
       await makeMountpoint(mountpoint)
-      const exp = await openExport(t, { source: image, mountpoint, writable: true, threads })
+      const exp = await openExport(t, { source: image, mountpoint, writable: true, threads, ioUring })
+      t.is(exp.ioUring, ioUring === 'on')
 
       const writers = Array.from({ length: WRITERS }, (_, w) =>
         startWriter(mountpoint, w * BLOCKS_PER_WRITER, BLOCKS_PER_WRITER, IMAGE),

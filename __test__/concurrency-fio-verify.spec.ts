@@ -2,7 +2,7 @@
  * Issue 5, integrity under concurrency: fio random 4 KiB writes with `verify=crc32c` from 2 jobs ×
  * iodepth 16 (O_DIRECT, libaio; each job on its own 128 MiB half so their verify passes do not
  * clash), then fio's verify pass, over a writable raw export of a 256 MiB image with 1 and with 4
- * threads. fio must report zero errors for every job, and after close the image offline must hash
+ * threads, each by read(2) and through FUSE-over-io_uring. fio must report zero errors for every job, and after close the image offline must hash
  * the same as the whole export read back through the mount just before closing.
  */
 import { createHash } from 'node:crypto'
@@ -26,12 +26,19 @@ test.before(() => {
   assertE2eEnvironment(['fio', 'findmnt'])
 })
 
-for (const threads of [1, 4]) {
+for (const [threads, ioUring] of [
+  [1, 'off'],
+  [4, 'off'],
+  [1, 'on'],
+  [4, 'on'],
+] as const) {
+  const intake = ioUring === 'on' ? 'io_uring' : 'read(2)'
   test.serial(
-    `fio randwrite + verify=crc32c, ${JOBS} jobs × iodepth 16, ${threads} thread(s): zero verify errors, the image offline equals what the export served`,
+    `fio randwrite + verify=crc32c, ${JOBS} jobs × iodepth 16, ${threads} thread(s), ${intake}: zero verify errors, the image offline equals what the export served`,
     async (t) => {
       const f = await imageFixture(t, IMAGE)
-      const exp = await openExport(t, { source: f.image, mountpoint: f.mountpoint, writable: true, threads })
+      const exp = await openExport(t, { source: f.image, mountpoint: f.mountpoint, writable: true, threads, ioUring })
+      t.is(exp.ioUring, ioUring === 'on')
       const output = join(f.dir, 'fio.json')
       const started = Date.now()
       const r = await run(

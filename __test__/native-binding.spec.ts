@@ -71,6 +71,8 @@ const INSTANCE_MEMBERS: Record<keyof NativeExport, 'method' | 'getter'> = {
   stats: 'method',
   size: 'getter',
   format: 'getter',
+  ioUring: 'getter',
+  ioUringFallback: 'getter',
   fakeDevicePeerFd: 'getter',
 }
 const STATS_KEYS: Record<keyof NativeStats, 'object' | 'number'> = {
@@ -79,6 +81,7 @@ const STATS_KEYS: Record<keyof NativeStats, 'object' | 'number'> = {
   bytesWritten: 'number',
   errors: 'number',
   inFlight: 'object',
+  served: 'object',
   lostReplies: 'number',
 }
 
@@ -108,6 +111,7 @@ test('a native export reports stats of the declared shape; a fake device has a p
       threads: 1,
       cache: 'writeback',
       writethrough: false,
+      ioUring: 'off',
     },
     () => {},
   )
@@ -125,6 +129,7 @@ test('a native export reports stats of the declared shape; a fake device has a p
     bytesWritten: 0,
     errors: 0,
     inFlight: [],
+    served: [],
     lostReplies: 0,
   })
 })

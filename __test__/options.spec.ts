@@ -29,6 +29,7 @@ test('defaults are applied and paths made absolute', (t) => {
     threads: 1,
     cache: 'writeback',
     writethrough: false,
+    ioUring: 'auto',
     onHalt: 'unmount',
   })
   const nul = normalizeOptions({ source: { null: '1G' }, mountpoint: '/mnt' })
@@ -46,6 +47,7 @@ test('explicit options are kept', (t) => {
     threads: 64,
     cache: 'none',
     writethrough: true,
+    ioUring: 'off',
     onHalt: 'keep',
     // undefined means "not given"
     source: '/img.raw',
@@ -57,6 +59,7 @@ test('explicit options are kept', (t) => {
     threads: 64,
     cache: 'none',
     writethrough: true,
+    ioUring: 'off',
     onHalt: 'keep',
   })
   t.is(normalizeOptions({ ...base, writable: undefined }).writable, false)
@@ -74,6 +77,7 @@ const invalidOptions: Array<[string, unknown, RegExp]> = [
   ['a non-string mountpoint', { ...base, mountpoint: ['/mnt'] }, /"mountpoint" must be a path, got an array/],
   ['a non-boolean writable', { ...base, writable: 'yes' }, /"writable" must be a boolean, got "yes"/],
   ['a non-boolean writethrough', { ...base, writethrough: 1 }, /"writethrough" must be a boolean, got 1/],
+  ['an unknown ioUring mode', { ...base, ioUring: 'yes' }, /"ioUring" must be one of "auto", "on", "off", got "yes"/],
   ['growable without writable', { ...base, growable: true }, /"growable" needs "writable: true"/],
   ['a bad format', { ...base, format: 'vmdk' }, /"format" must be one of "raw", "qcow2", "null", "auto", got "vmdk"/],
   ['format null with a path', { ...base, format: 'null' }, /"format" is "null" but "source" is a path \("\/img.raw"\)/],

@@ -39,48 +39,53 @@ async function abortConnection(mountpoint: string): Promise<void> {
 
 const HALT_WAIT_MS = 10_000
 
-test("onHalt 'unmount' (the default): an aborted connection emits 'halt' with a reason, then the export closes itself", async (t) => {
-  const f = await imageFixture(t, 2 * MiB)
-  const exp = await openExport(t, { source: f.image, mountpoint: f.mountpoint })
-  t.is(exp.options.onHalt, 'unmount')
-  const closed = waitForEvent<void>(exp, 'close', HALT_WAIT_MS)
-  const halted = waitForEvent<string>(exp, 'halt', HALT_WAIT_MS)
-  closed.catch(() => undefined)
-  await abortConnection(f.mountpoint)
+for (const ioUring of ['off', 'on'] as const) {
+  const intake = ioUring === 'on' ? 'io_uring' : 'read(2)'
+  test(`onHalt 'unmount' (the default), ${intake}: an aborted connection emits 'halt' with a reason, then the export closes itself`, async (t) => {
+    const f = await imageFixture(t, 2 * MiB)
+    const exp = await openExport(t, { source: f.image, mountpoint: f.mountpoint, ioUring })
+    t.is(exp.ioUring, ioUring === 'on')
+    t.is(exp.options.onHalt, 'unmount')
+    const closed = waitForEvent<void>(exp, 'close', HALT_WAIT_MS)
+    const halted = waitForEvent<string>(exp, 'halt', HALT_WAIT_MS)
+    closed.catch(() => undefined)
+    await abortConnection(f.mountpoint)
 
-  const reason = await halted
-  t.is(typeof reason, 'string')
-  t.true(reason.length > 0, 'the halt carries a reason')
-  t.is(exp.haltReason, reason)
-  await closed
-  t.true(exp.closed)
-  t.false(await isMounted(f.mountpoint), 'the export unmounted itself')
-  t.is(await sizeOf(f.mountpoint), 0, 'the mountpoint is the plain (empty) file again')
-})
+    const reason = await halted
+    t.is(typeof reason, 'string')
+    t.true(reason.length > 0, 'the halt carries a reason')
+    t.is(exp.haltReason, reason)
+    await closed
+    t.true(exp.closed)
+    t.false(await isMounted(f.mountpoint), 'the export unmounted itself')
+    t.is(await sizeOf(f.mountpoint), 0, 'the mountpoint is the plain (empty) file again')
+  })
 
-test("onHalt 'keep': an aborted connection emits 'halt'; the export stays mounted (clients get ENOTCONN) until close()", async (t) => {
-  const f = await imageFixture(t, 2 * MiB)
-  const exp = await openExport(t, { source: f.image, mountpoint: f.mountpoint, onHalt: 'keep' })
-  let closes = 0
-  exp.on('close', () => closes++)
-  const halted = waitForEvent<string>(exp, 'halt', HALT_WAIT_MS)
-  halted.catch(() => undefined)
-  await abortConnection(f.mountpoint)
-  // The abort took effect: the kernel fails client requests itself now.
-  const r = await client('cat', [f.mountpoint])
-  t.not(r.code, 0)
-  t.regex(r.stderr, /Transport endpoint is not connected/)
+  test(`onHalt 'keep', ${intake}: an aborted connection emits 'halt'; the export stays mounted (clients get ENOTCONN) until close()`, async (t) => {
+    const f = await imageFixture(t, 2 * MiB)
+    const exp = await openExport(t, { source: f.image, mountpoint: f.mountpoint, onHalt: 'keep', ioUring })
+    t.is(exp.ioUring, ioUring === 'on')
+    let closes = 0
+    exp.on('close', () => closes++)
+    const halted = waitForEvent<string>(exp, 'halt', HALT_WAIT_MS)
+    halted.catch(() => undefined)
+    await abortConnection(f.mountpoint)
+    // The abort took effect: the kernel fails client requests itself now.
+    const r = await client('cat', [f.mountpoint])
+    t.not(r.code, 0)
+    t.regex(r.stderr, /Transport endpoint is not connected/)
 
-  const reason = await halted
-  t.true(reason.length > 0, 'the halt carries a reason')
-  // Give a wrongly wired 'unmount' policy the time to act.
-  await new Promise((resolve) => setTimeout(resolve, 500))
-  t.false(exp.closed, "'keep' does not close")
-  t.is(closes, 0)
-  t.true(await isMounted(f.mountpoint), 'still mounted')
+    const reason = await halted
+    t.true(reason.length > 0, 'the halt carries a reason')
+    // Give a wrongly wired 'unmount' policy the time to act.
+    await new Promise((resolve) => setTimeout(resolve, 500))
+    t.false(exp.closed, "'keep' does not close")
+    t.is(closes, 0)
+    t.true(await isMounted(f.mountpoint), 'still mounted')
 
-  await exp.close()
-  t.is(closes, 1)
-  t.false(await isMounted(f.mountpoint))
-  t.is(await sizeOf(f.mountpoint), 0)
-})
+    await exp.close()
+    t.is(closes, 1)
+    t.false(await isMounted(f.mountpoint))
+    t.is(await sizeOf(f.mountpoint), 0)
+  })
+}

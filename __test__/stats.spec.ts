@@ -47,6 +47,12 @@ test('after dd reads 10 × 64 KiB: READ ≥ 10, bytesRead ≥ 655360, one idle i
   t.is(after.lostReplies, 0)
   t.deepEqual(after.inFlight, [0, 0, 0], 'idle again once dd is done')
   t.true(total(after) > total(before))
+  // Every request was taken in by one of the three queues.
+  t.is(after.served.length, 3)
+  t.is(
+    after.served.reduce((a, b) => a + b, 0),
+    total(after),
+  )
 })
 
 test('writes count bytesWritten; requests answered with an error count as errors; stats survive close()', async (t) => {

@@ -29,6 +29,10 @@ const USAGE = `Usage: node bench/run.mjs [options]
   --peers PEERS      comma-separated peers: blockfuse, qemu, fuser, ceiling, or exact ids like
                      blockfuse-1t, fuser-2t (default: all)
   --threads N        threads of the multi-threaded blockfuse and fuser peers (default: 2)
+  --io-uring MODE    blockfuse's --io-uring for both blockfuse peers: auto (default: io_uring
+                     with several threads, read(2) with one), on, off. Unless off, the bench
+                     turns the kernel's FUSE-over-io_uring on (fuse.enable_uring=Y) for the
+                     run and restores it afterwards
   --reps R           repetitions per cell and peer (default: 3; --quick: 1)
   --runtime S        fio runtime per run in seconds (default: 2; --quick: 3)
   --ramp S           fio ramp_time in seconds (default: 0; servers are warmed up once per group)
@@ -50,6 +54,11 @@ function num(name, v, dflt, min) {
   return n
 }
 
+function oneOf(name, v, allowed) {
+  if (!allowed.includes(v)) throw new Error(`--${name} must be one of ${allowed.join(', ')}, got "${v}"`)
+  return v
+}
+
 function parseCli(argv) {
   const { values } = parseArgs({
     args: argv,
@@ -58,6 +67,7 @@ function parseCli(argv) {
       only: { type: 'string' },
       peers: { type: 'string' },
       threads: { type: 'string' },
+      'io-uring': { type: 'string' },
       reps: { type: 'string' },
       runtime: { type: 'string' },
       ramp: { type: 'string' },
@@ -90,6 +100,7 @@ function parseCli(argv) {
           .filter(Boolean)
       : [],
     threads: Math.floor(num('threads', values.threads, 2, 2)),
+    ioUring: oneOf('io-uring', values['io-uring'] ?? 'auto', ['auto', 'on', 'off']),
     reps: Math.floor(num('reps', values.reps, quick ? 1 : 3, 1)),
     runtime: num('runtime', values.runtime, quick ? 3 : 2, 1),
     ramp: num('ramp', values.ramp, 0, 0),
@@ -283,6 +294,30 @@ function cleanupSync() {
 }
 
 process.on('exit', cleanupSync)
+
+// ---------------------------------------------------------------------------------------------
+// FUSE-over-io_uring: a kernel parameter, off by default; turned on for the run, then restored
+
+const ENABLE_URING = '/sys/module/fuse/parameters/enable_uring'
+let uringRestore
+
+/** Turns the kernel's FUSE-over-io_uring on unless --io-uring off; returns what the run used. */
+function prepareUring(opts) {
+  let before
+  try {
+    before = fs.readFileSync(ENABLE_URING, 'utf8').trim()
+  } catch {
+    if (opts.ioUring === 'on') throw new Error(`--io-uring on, but this kernel has no ${ENABLE_URING}`)
+    return 'not available in this kernel'
+  }
+  if (opts.ioUring === 'off' || before === 'Y') return `${ENABLE_URING} = ${before}`
+  fs.writeFileSync(ENABLE_URING, 'Y')
+  uringRestore = before
+  process.on('exit', () => {
+    if (uringRestore !== undefined) fs.writeFileSync(ENABLE_URING, uringRestore)
+  })
+  return `${ENABLE_URING} = Y for the run (was ${before}; restored after)`
+}
 for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
   process.on(sig, () => {
     process.stderr.write(`bench: ${sig}, cleaning up\n`)
@@ -404,6 +439,7 @@ function machineInfo(opts, workDir) {
       quick: opts.quick,
       only: opts.only,
       peers: opts.peers,
+      ioUring: opts.ioUring,
     },
   }
 }
@@ -473,6 +509,7 @@ function serverCommand(peer, backend, image, mnt, opts) {
   switch (peer.family) {
     case 'blockfuse': {
       const args = [path.join(ROOT, 'dist', 'cli.js'), 'export', '--writable', '--threads', String(peer.threads)]
+      args.push('--io-uring', opts.ioUring)
       // An explicit format: no probing of the image's first sector.
       if (backend.kind === 'file') args.push('--format', 'raw', '--cache', backend.cache)
       if (backend.kind === 'qcow2') args.push('--format', 'qcow2', '--cache', backend.cache)
@@ -521,7 +558,12 @@ async function startServer(peer, backend, image, mntDir, opts) {
   let out = ''
   child.stdout.on('data', (d) => {
     out += d
-    if (/^ready\b/m.test(out)) sawReady = true
+    const ready = /^ready\b.*$/m.exec(out)
+    if (ready) {
+      sawReady = true
+      // blockfuse's ready line ends with how requests arrive: "io_uring" or "read(2)".
+      if (peer.family === 'blockfuse') server.intake = /(io_uring|read\(2\))\)$/.exec(ready[0])?.[1]
+    }
   })
   child.on('exit', () => {
     server.exited = true
@@ -675,6 +717,8 @@ async function main() {
   const qcow2Image = path.join(workDir, 'image.qcow2')
   const size = parseSize(opts.imageSize)
   const machine = machineInfo(opts, workDir)
+  machine.uring = prepareUring(opts)
+  machine.intakes = {}
 
   const groups = BACKENDS.map((b) => ({ backend: b, cells: cells.filter((c) => c.backend.id === b.id) })).filter(
     (g) => g.cells.length,
@@ -707,7 +751,9 @@ async function main() {
     try {
       for (const p of groupPeers) {
         if (p.family === 'ceiling') continue
-        servers.set(p.id, await startServer(p, backend, image, mntDir, opts))
+        const server = await startServer(p, backend, image, mntDir, opts)
+        servers.set(p.id, server)
+        if (server.intake) machine.intakes[p.id] = server.intake
       }
       // Warm-up: first requests allocate buffers, spawn threads, fault pages in.
       for (const p of groupPeers) {

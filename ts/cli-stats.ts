@@ -15,6 +15,7 @@ export function statsEvent(stats: ExportStats): Record<string, unknown> {
     bytesWritten: stats.bytesWritten,
     errors: stats.errors,
     inFlight: stats.inFlight,
+    served: stats.served,
     lostReplies: stats.lostReplies,
   }
 }

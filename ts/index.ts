@@ -66,6 +66,8 @@ export interface ExportStats {
   errors: number
   /** Requests being served right now, one entry per queue (`threads` entries). */
   inFlight: number[]
+  /** Requests each queue has taken in since the start, one entry per queue: how the load spread. */
+  served: number[]
   /**
    * Replies that could not be written to the kernel (each is also logged to stderr). Should stay 0;
    * anything else means a client waited for an answer that never came.
@@ -80,6 +82,7 @@ function copyStats(stats: ExportStats): ExportStats {
     bytesWritten: stats.bytesWritten,
     errors: stats.errors,
     inFlight: [...stats.inFlight],
+    served: [...stats.served],
     lostReplies: stats.lostReplies,
   }
 }

@@ -42,6 +42,8 @@ export interface NativeStats {
   errors: number
   /** Requests being served right now, one entry per queue. */
   inFlight: number[]
+  /** Requests each queue has taken in since the start, one entry per queue. */
+  served: number[]
   /** Replies that could not be sent to the kernel (logged; should stay 0). */
   lostReplies: number
 }

@@ -147,6 +147,11 @@ export function renderMachine(m) {
     `- image disk: ${m.disk}`,
     `- fio: ${m.fio}; qemu-storage-daemon: ${m.qemu}; node: ${m.node}; fuser crate: ${m.fuser}`,
     `- blockfuse commit: ${m.commit}`,
+    `- FUSE-over-io_uring: ${m.uring ?? '—'}; blockfuse intake (--io-uring ${m.settings?.ioUring ?? 'auto'}): ${
+      Object.entries(m.intakes ?? {})
+        .map(([id, how]) => `${id} ${how}`)
+        .join(', ') || '—'
+    }`,
     `- load average at start / end: ${m.loadStart} / ${m.loadEnd ?? '—'}`,
   ].join('\n')
 }

@@ -202,6 +202,8 @@ pub struct NativeStats {
     pub errors: f64,
     /// Requests being served right now, one entry per queue.
     pub in_flight: Vec<u32>,
+    /// Requests each queue has taken in since the start, one entry per queue.
+    pub served: Vec<f64>,
     /// Replies that could not be sent to the kernel (logged; should stay 0).
     pub lost_replies: f64,
 }
@@ -282,6 +284,7 @@ impl NativeExport {
             bytes_written: 0.0,
             errors: 0.0,
             in_flight: Vec::new(),
+            served: Vec::new(),
             lost_replies: 0.0,
         };
         if let Some(session) = guard.as_ref() {
@@ -298,6 +301,7 @@ impl NativeExport {
             out.errors = st.errors.load(Relaxed) as f64;
             out.lost_replies = st.lost_replies.load(Relaxed) as f64;
             out.in_flight = session.in_flight().into_iter().map(|n| n as u32).collect();
+            out.served = session.served().into_iter().map(|n| n as f64).collect();
         }
         out
     }

@@ -91,7 +91,7 @@ impl Ring {
         let mut entries = self.entries.borrow_mut();
         let index = entries.len();
         let entry = command(fd, CMD_REGISTER, 0, qid, Some(mem.iov.get() as u64));
-        entries.push(Box::new(mem));
+        entries.push(mem);
         let mem = &entries[index];
         if !self.arm(&mem.slot) {
             return Err(io::Error::other("FUSE entry slot busy"));
@@ -129,7 +129,8 @@ impl Ring {
         // SAFETY: the command completed, so the kernel no longer touches this entry until the
         // next one is queued, which only `FuseRequest::commit` does and which consumes the
         // request; `entry` is borrowed mutably for the request's life, so no second request of
-        // this entry exists. The boxed memory does not move when `entries` grows.
+        // this entry exists. The header and payload are separate allocations that do not move
+        // when `entries` grows.
         let (header, payload) = unsafe {
             (
                 &mut *mem.header.get(),

@@ -53,7 +53,7 @@ pub struct Ring {
     /// Entries queued in the submission queue but not yet handed to the kernel (driven mode).
     unsubmitted: Cell<bool>,
     /// FUSE-over-io_uring entries' memory, owned by the ring (see `fuse_uring`).
-    pub(super) entries: RefCell<Vec<Box<EntryMem>>>,
+    pub(super) entries: RefCell<Vec<EntryMem>>,
     /// The /dev/fuse fd those entries' commands go to.
     pub(super) fuse_fd: RefCell<Option<OwnedFd>>,
 }

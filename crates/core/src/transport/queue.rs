@@ -40,6 +40,8 @@ pub struct Shared {
     stopped_reported: AtomicBool,
     /// Requests being served, per queue.
     pub(super) in_flight: Vec<AtomicU64>,
+    /// Requests a queue has taken in (answered or not), per queue.
+    pub(super) served: Vec<AtomicU64>,
     pub max_write: usize,
 }
 
@@ -66,6 +68,7 @@ impl Shared {
             on_stop,
             stopped_reported: AtomicBool::new(false),
             in_flight: (0..queues.max(1)).map(|_| AtomicU64::new(0)).collect(),
+            served: (0..queues.max(1)).map(|_| AtomicU64::new(0)).collect(),
             max_write,
         }
     }
@@ -83,6 +86,17 @@ impl Shared {
     /// Requests being served right now, per queue.
     pub fn in_flight(&self) -> Vec<u64> {
         self.in_flight.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+
+    /// Requests each queue has taken in since the start.
+    pub fn served(&self) -> Vec<u64> {
+        self.served.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+
+    /// This queue's in-flight and served counters.
+    pub(super) fn counters(&self, queue: usize) -> (&AtomicU64, &AtomicU64) {
+        let q = queue.min(self.in_flight.len() - 1);
+        (&self.in_flight[q], &self.served[q])
     }
 
     /// Our own close is about to unmount: the connection ending now is expected, not a halt.
@@ -287,7 +301,7 @@ async fn receive(
 /// the next idle worker first, and this worker gets back in line after it.
 async fn worker(intake: Rc<Intake>, shared: Arc<Shared>, mut buf: RequestBuffer, queue: usize) {
     let mut small = [0u8; MAX_SMALL_REPLY];
-    let in_flight = &shared.in_flight[queue.min(shared.in_flight.len() - 1)];
+    let (in_flight, served) = shared.counters(queue);
     while let Some(turn) = take_turn(&intake, &shared).await {
         let mut turn = Some(turn);
         while turn.is_some() {
@@ -295,6 +309,7 @@ async fn worker(intake: Rc<Intake>, shared: Arc<Shared>, mut buf: RequestBuffer,
                 return;
             };
             in_flight.fetch_add(1, Ordering::Relaxed);
+            served.fetch_add(1, Ordering::Relaxed);
             let serve = serve_one(&intake, source, &shared, &mut buf, n, &mut small);
             tokio::pin!(serve);
             let first = std::future::poll_fn(|cx| Poll::Ready(serve.as_mut().poll(cx))).await;

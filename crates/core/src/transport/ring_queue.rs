@@ -62,14 +62,14 @@ pub fn run_ring_queue(
     };
     let _ = started.send(Ok(()));
     let (ring, entries) = ring;
-    let in_flight = &shared.in_flight[plan.index.min(shared.in_flight.len() - 1)];
+    let (in_flight, served) = shared.counters(plan.index);
     let mut tasks: Vec<Task<'_>> = Vec::with_capacity(entries.len() + 2);
     for entry in entries {
-        tasks.push(Box::pin(serve_entry(&ring, entry, &shared, in_flight)));
+        tasks.push(Box::pin(serve_entry(&ring, entry, &shared, in_flight, served)));
     }
     if plan.serve_dev_reads {
         let buf = RequestBuffer::new(shared.max_write, sys::page_size());
-        tasks.push(Box::pin(serve_dev_reads(&ring, &shared, buf, in_flight)));
+        tasks.push(Box::pin(serve_dev_reads(&ring, &shared, buf, in_flight, served)));
     }
     // Wakes the loop when close() or another queue asks to stop.
     tasks.push(Box::pin(stop_requested(&shared)));
@@ -134,7 +134,13 @@ fn entry_failed(shared: &Shared, errno: i32) {
 }
 
 /// Serves the requests the kernel puts into `entry`, one after another.
-async fn serve_entry(ring: &Ring, mut entry: FuseEntry, shared: &Shared, in_flight: &AtomicU64) {
+async fn serve_entry(
+    ring: &Ring,
+    mut entry: FuseEntry,
+    shared: &Shared,
+    in_flight: &AtomicU64,
+    served: &AtomicU64,
+) {
     let mut small = [0u8; MAX_SMALL_REPLY];
     loop {
         let mut req = match ring.fuse_fetch(&mut entry).await {
@@ -146,6 +152,7 @@ async fn serve_entry(ring: &Ring, mut entry: FuseEntry, shared: &Shared, in_flig
             return;
         }
         in_flight.fetch_add(1, Ordering::Relaxed);
+        served.fetch_add(1, Ordering::Relaxed);
         let answered = answer(&mut req, shared, &mut small).await;
         let committed = if answered { req.commit() } else { Ok(()) };
         in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -201,6 +208,7 @@ async fn serve_dev_reads(
     shared: &Shared,
     mut buf: RequestBuffer,
     in_flight: &AtomicU64,
+    served: &AtomicU64,
 ) {
     let Some(slot) = ring.persistent() else {
         log::error!("the io_uring slot table is full; FORGET and INTERRUPT go unanswered");
@@ -212,6 +220,7 @@ async fn serve_dev_reads(
         match classify(shared, sys::read(fd, buf.receive_area())) {
             Received::Request(n) => {
                 in_flight.fetch_add(1, Ordering::Relaxed);
+                served.fetch_add(1, Ordering::Relaxed);
                 let (unique, outcome) = match decode(buf.request(n)) {
                     Ok(r) => {
                         let out =

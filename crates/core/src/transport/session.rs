@@ -287,6 +287,11 @@ impl Session {
         self.shared.in_flight()
     }
 
+    /// Requests each queue has taken in since the start.
+    pub fn served(&self) -> Vec<u64> {
+        self.shared.served()
+    }
+
     /// Unmounts, lets every queue finish the request it is serving, and flushes the backend.
     /// Idempotent.
     pub fn shutdown(&mut self) -> Result<()> {
@@ -443,4 +448,26 @@ fn answer_init(fd: &OwnedFd, limits: InitLimits) -> Result<Negotiated> {
     sys::writev(fd.as_fd(), &[IoSlice::new(&header), IoSlice::new(&body[..len])])
         .map_err(|e| Error::Init(format!("answering INIT failed: {e}")))?;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::io_uring_support;
+
+    #[test]
+    fn io_uring_support_says_why_not() {
+        let dir =
+            std::env::temp_dir().join(format!("blockfuse-uring-param-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let param = dir.join("enable_uring");
+        std::fs::write(&param, "N\n").unwrap();
+        let off = io_uring_support(param.to_str().unwrap()).unwrap_err();
+        assert!(off.contains("switched off") && off.contains("echo Y >"), "{off}");
+        let missing = io_uring_support(dir.join("nope").to_str().unwrap()).unwrap_err();
+        assert!(missing.contains("6.14") && missing.contains("CONFIG_FUSE_IO_URING"), "{missing}");
+        std::fs::write(&param, "Y\n").unwrap();
+        // With the parameter on, only the ring probe can refuse (it works on any 6.1+ kernel).
+        assert_eq!(io_uring_support(param.to_str().unwrap()), Ok(()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
