@@ -1,6 +1,7 @@
 //! The executor of a FUSE-over-io_uring queue thread: polls the thread's tasks when they are
 //! woken and, when none is ready, sleeps in the ring's `io_uring_enter`, which also hands the
-//! kernel every submission the tasks queued meanwhile (replies, file I/O) in one call.
+//! kernel every submission the tasks queued meanwhile (replies, file I/O) in one call. Before
+//! sleeping it polls the ring for an adaptive while (`idle_poll`).
 //!
 //! Why not tokio here: tokio's current-thread runtime sleeps in `epoll_wait`, but the ring's
 //! completion work (DEFER_TASKRUN, which FUSE entries need, see `sys::fuse_uring`) only runs
@@ -16,7 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::ThreadId;
+use std::time::Instant;
 
+use super::idle_poll::IdlePoll;
 use crate::sys;
 use crate::sys::uring::Ring;
 
@@ -84,6 +87,7 @@ pub fn run(ring: &Ring, tasks: Vec<Task<'_>>, finished: impl Fn() -> bool) -> io
         .map(|index| Waker::from(Arc::new(TaskWaker { state: state.clone(), index })))
         .collect();
     let mut done = vec![false; tasks.len()];
+    let poll = IdlePoll::default();
     let mut running = workers;
     loop {
         while state.any.swap(false, Ordering::AcqRel) {
@@ -103,6 +107,21 @@ pub fn run(ring: &Ring, tasks: Vec<Task<'_>>, finished: impl Fn() -> bool) -> io
         if running == 0 || finished() {
             return ring.flush();
         }
-        ring.wait(true)?;
+        // Before sleeping, look for completions for a while (see idle_poll): each look also
+        // hands the kernel what the tasks queued. A wake from another thread ends it too.
+        let started = Instant::now();
+        let window = poll.window();
+        loop {
+            if window.is_zero() || started.elapsed() >= window {
+                ring.wait(true)?;
+                break;
+            }
+            ring.wait(false)?;
+            if state.any.load(Ordering::Acquire) {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        poll.record(started.elapsed());
     }
 }

@@ -3,6 +3,7 @@
 
 mod buffer;
 mod executor;
+mod idle_poll;
 pub mod mount;
 pub mod queue;
 mod reply;

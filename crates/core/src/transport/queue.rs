@@ -8,12 +8,14 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
+use std::time::Instant;
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::Notify;
 
 use super::buffer::RequestBuffer;
+use super::idle_poll::IdlePoll;
 use super::reply::{reply_for, Body};
 use crate::export::{Export, Outcome};
 use crate::protocol::decode::{decode, DecodeError, HaltReason};
@@ -154,8 +156,12 @@ pub fn run_queue_at(
             }
             Err(e) => log::warn!("io_uring unavailable, file I/O will block the queue: {e}"),
         }
-        let intake =
-            Rc::new(Intake { fd: sys::async_fd(fd)?, idle, turn: tokio::sync::Mutex::new(()) });
+        let intake = Rc::new(Intake {
+            fd: sys::async_fd(fd)?,
+            idle,
+            turn: tokio::sync::Mutex::new(()),
+            poll: IdlePoll::default(),
+        });
         let page = sys::page_size();
         let mut workers = Vec::with_capacity(WORKERS_PER_QUEUE);
         for _ in 0..WORKERS_PER_QUEUE {
@@ -179,6 +185,8 @@ struct Intake {
     /// Blocking fd for reads while nothing is in flight (see [`run_queue_at`]).
     idle: Option<OwnedFd>,
     turn: tokio::sync::Mutex<()>,
+    /// How long to look for the next request before sleeping in `idle`.
+    poll: IdlePoll,
 }
 
 /// Which of the intake's fds a request came from: its reply must go to the same one.
@@ -254,8 +262,24 @@ async fn receive(
         // request arrives, so sleeping in read(2) holds nobody up.
         if let Some(idle) = intake.idle.as_ref().filter(|_| in_flight.load(Ordering::Relaxed) == 0)
         {
+            // First poll for a while (see idle_poll), yielding so that a client on this CPU runs.
+            let started = Instant::now();
+            let window = intake.poll.window();
+            while !window.is_zero() && started.elapsed() < window {
+                match classify(shared, sys::read(intake.fd.get_ref().as_fd(), buf.receive_area())) {
+                    Received::Request(n) => {
+                        intake.poll.record(started.elapsed());
+                        return Some((n, Source::Polled));
+                    }
+                    Received::Stop => return None,
+                    Received::Retry => std::thread::yield_now(),
+                }
+            }
             match classify(shared, sys::read(idle.as_fd(), buf.receive_area())) {
-                Received::Request(n) => return Some((n, Source::Idle)),
+                Received::Request(n) => {
+                    intake.poll.record(started.elapsed());
+                    return Some((n, Source::Idle));
+                }
                 Received::Retry => continue,
                 Received::Stop => return None,
             }
