@@ -17,7 +17,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
 use io_uring::{opcode, squeue, types};
 
-use super::uring::{Persistent, Ring, RingMode, Slot};
+use super::uring::{Persistent, Ring, Slot};
 use crate::aligned::AlignedBuf;
 use crate::protocol::abi::uring::{
     CMD_COMMIT_AND_FETCH, CMD_REGISTER, ENT_COMMIT_ID, ENT_IN_OUT_OFFSET, ENT_PAYLOAD_SZ,
@@ -54,9 +54,6 @@ pub struct FuseRequest<'a> {
 impl Ring {
     /// Gives this ring the /dev/fuse fd its FUSE commands go to (driven mode only; once).
     pub fn attach_fuse_device(&self, fd: OwnedFd) -> io::Result<()> {
-        if self.mode() != RingMode::Driven {
-            return Err(io::Error::other("FUSE-over-io_uring needs a driven ring"));
-        }
         let mut dev = self.fuse_fd.borrow_mut();
         if dev.is_some() {
             return Err(io::Error::other("this ring already serves a FUSE device"));

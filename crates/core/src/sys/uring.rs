@@ -1,8 +1,8 @@
 //! A per-thread io_uring: each queue thread installs one, and backends submit positional reads,
 //! writes, fdatasync and fallocate to it from their async fns, so file I/O never blocks a queue's
-//! intake. A ring runs in one of two modes (see [`RingMode`]): *polled*, where a tokio task reaps
-//! completions when the ring's fd turns readable, or *driven*, where the queue's own loop sleeps
-//! in `io_uring_enter` and the ring also carries FUSE-over-io_uring commands (`fuse_uring`).
+//! intake. The queue's executor drives the ring: submissions wait in the queue until it enters
+//! the ring ([`Ring::wait`]), several in one `io_uring_enter`, and it sleeps there. The ring also
+//! polls the queue's fds and carries FUSE-over-io_uring commands (`fuse_uring`).
 //!
 //! Buffers of one-shot operations are borrowed, not owned: an [`Op`] is only ever created and
 //! awaited inside this module's async fns (pinned in the caller's future), and its Drop waits for
@@ -13,7 +13,7 @@
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
@@ -30,18 +30,6 @@ pub(super) enum Slot {
     Done(i32),
 }
 
-/// How a ring is driven.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RingMode {
-    /// Completions are reaped by [`reap_forever`] on a tokio runtime that polls the ring's fd;
-    /// every submission is handed to the kernel at once.
-    Polled,
-    /// The owning thread's loop calls [`Ring::wait`]: submissions wait in the queue until then
-    /// (several go in one `io_uring_enter`), and completion work runs only inside that call
-    /// (`IORING_SETUP_DEFER_TASKRUN`), which is what FUSE-over-io_uring entries rely on.
-    Driven,
-}
-
 /// One thread's ring and the table of operations in flight on it.
 pub struct Ring {
     // Declared first so it is dropped first: the kernel is done with `entries` once the ring's
@@ -49,8 +37,7 @@ pub struct Ring {
     pub(super) ring: RefCell<IoUring<squeue::Entry128>>,
     pub(super) slots: RefCell<Vec<Slot>>,
     free: RefCell<Vec<u32>>,
-    mode: RingMode,
-    /// Entries queued in the submission queue but not yet handed to the kernel (driven mode).
+    /// Entries queued in the submission queue but not yet handed to the kernel.
     unsubmitted: Cell<bool>,
     /// FUSE-over-io_uring entries' memory, owned by the ring (see `fuse_uring`).
     pub(super) entries: RefCell<Vec<EntryMem>>,
@@ -67,36 +54,37 @@ thread_local! {
 const ENTRIES: u32 = 256;
 
 impl Ring {
-    /// Creates a ring and makes it this thread's current one. 128-byte submission entries in both
-    /// modes, because FUSE-over-io_uring commands need them.
-    pub fn install(mode: RingMode) -> io::Result<Rc<Ring>> {
-        let ring = Rc::new(Self::build(mode)?);
+    /// Creates a ring and makes it this thread's current one: 128-byte submission entries
+    /// (FUSE-over-io_uring commands need them), one submitting thread, completion work deferred
+    /// to [`Ring::wait`] (`DEFER_TASKRUN`, Linux 6.1+).
+    pub fn install() -> io::Result<Rc<Ring>> {
+        let ring = Rc::new(Self::build()?);
         CURRENT.with(|c| *c.borrow_mut() = Some(ring.clone()));
         Ok(ring)
     }
 
-    fn build(mode: RingMode) -> io::Result<Ring> {
-        let mut builder = IoUring::<squeue::Entry128>::builder();
-        builder.setup_single_issuer();
-        match mode {
-            RingMode::Polled => builder.setup_coop_taskrun(),
-            RingMode::Driven => builder.setup_defer_taskrun(),
-        };
-        let ring = builder.build(ENTRIES)?;
+    fn build() -> io::Result<Ring> {
+        // Test only: makes every queue take its no-io_uring path (docs/reliability.md).
+        if std::env::var_os("BLOCKFUSE_TEST_NO_IO_URING").is_some() {
+            return Err(io::Error::other("io_uring switched off by BLOCKFUSE_TEST_NO_IO_URING"));
+        }
+        let ring = IoUring::<squeue::Entry128>::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(ENTRIES)?;
         Ok(Ring {
             ring: RefCell::new(ring),
             slots: RefCell::new((0..ENTRIES).map(|_| Slot::Free).collect()),
             free: RefCell::new((0..ENTRIES).rev().collect()),
-            mode,
             unsubmitted: Cell::new(false),
             entries: RefCell::new(Vec::new()),
             fuse_fd: RefCell::new(None),
         })
     }
 
-    /// Whether this kernel lets this thread create a ring in `mode` (the ring is closed again).
-    pub fn probe(mode: RingMode) -> io::Result<()> {
-        Self::build(mode).map(drop)
+    /// Whether this kernel lets this thread create such a ring (it is closed again).
+    pub fn probe() -> io::Result<()> {
+        Self::build().map(drop)
     }
 
     /// Removes this thread's ring (the queue is ending).
@@ -107,15 +95,6 @@ impl Ring {
     /// This thread's ring, if its queue installed one.
     pub fn current() -> Option<Rc<Ring>> {
         CURRENT.with(|c| c.borrow().clone())
-    }
-
-    pub fn mode(&self) -> RingMode {
-        self.mode
-    }
-
-    /// The ring's fd: readable when completions are waiting.
-    pub fn fd(&self) -> RawFd {
-        self.ring.borrow().as_raw_fd()
     }
 
     /// Moves every available completion into its slot and wakes its waiter.
@@ -134,7 +113,7 @@ impl Ring {
         }
     }
 
-    /// Driven mode: hands every queued submission to the kernel, runs completion work and, if
+    /// Hands every queued submission to the kernel, runs completion work and, if
     /// `block`, sleeps until at least one completion is there; then reaps. Interrupted waits
     /// return normally.
     pub fn wait(&self, block: bool) -> io::Result<()> {
@@ -159,7 +138,7 @@ impl Ring {
         Ok(())
     }
 
-    /// Hands queued submissions to the kernel without waiting (driven mode's last act).
+    /// Hands queued submissions to the kernel without waiting (a queue's last act).
     pub fn flush(&self) -> io::Result<()> {
         if self.unsubmitted.replace(false) {
             self.ring.borrow().submit()?;
@@ -167,7 +146,7 @@ impl Ring {
         Ok(())
     }
 
-    /// Queues `entry` with `user_data = idx`; submits at once in polled mode. False when the
+    /// Queues `entry` with `user_data = idx` for the next [`Ring::wait`]. False when the
     /// submission queue stays full.
     ///
     /// # Safety
@@ -185,11 +164,7 @@ impl Ring {
             pushed = unsafe { ring.submission().push(&entry) }.is_ok();
         }
         if pushed {
-            match self.mode {
-                // A failed enter (EAGAIN/EBUSY) leaves the entry queued; the next one submits it.
-                RingMode::Polled => drop(ring.submit()),
-                RingMode::Driven => self.unsubmitted.set(true),
-            }
+            self.unsubmitted.set(true);
         }
         pushed
     }
@@ -251,13 +226,17 @@ impl Ring {
         }
     }
 
-    /// Arms a one-shot poll for readability (or error/hang-up) of `fd` on `slot`; await
+    /// Arms a one-shot poll of `fd` on `slot` for `events` (error and hang-up are always
+    /// reported), unless one is still armed there (its wait was dropped); await
     /// [`Ring::completion`] for the result (the poll mask, or -errno).
-    pub fn poll_readable(&self, slot: &Persistent, fd: BorrowedFd<'_>) -> io::Result<()> {
-        if !self.arm(slot) {
-            return Err(io::Error::other("a poll is already armed on this slot"));
+    pub fn poll(&self, slot: &Persistent, fd: BorrowedFd<'_>, events: i16) -> io::Result<()> {
+        if matches!(self.slots.borrow()[slot.idx as usize], Slot::Pending(_)) {
+            return Ok(());
         }
-        let mask = (libc::POLLIN | libc::POLLERR | libc::POLLHUP) as u32;
+        if !self.arm(slot) {
+            return Err(io::Error::other("the poll slot is not in use"));
+        }
+        let mask = (events | libc::POLLERR | libc::POLLHUP) as u32;
         let entry = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), mask).build();
         // SAFETY: a poll carries no buffer; the kernel holds its own reference to the file.
         if unsafe { self.push(entry.into(), slot.idx) } {
@@ -312,32 +291,6 @@ impl Future for Completion<'_> {
             }
             Slot::Idle | Slot::Free => Poll::Ready(-libc::EINVAL),
         }
-    }
-}
-
-/// Reaps completions whenever the ring's fd turns readable. Runs as one task per queue thread
-/// for as long as the queue lives (polled mode).
-pub async fn reap_forever(ring: Rc<Ring>) -> io::Result<()> {
-    struct RingFd(RawFd);
-    impl AsRawFd for RingFd {
-        fn as_raw_fd(&self) -> RawFd {
-            self.0
-        }
-    }
-    // SAFETY: the fd belongs to `ring`, which this future holds (and so keeps open) for as long
-    // as the AsyncFd exists; it always reports the same fd.
-    let afd = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(
-            RingFd(ring.fd()),
-            tokio::io::Interest::READABLE,
-        )
-    }
-    .map_err(|e| e.into_parts().1)?;
-    loop {
-        let mut guard = afd.readable().await?;
-        // Clear first: a completion posted after this point raises readiness again.
-        guard.clear_ready();
-        ring.reap();
     }
 }
 

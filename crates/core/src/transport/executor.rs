@@ -72,7 +72,7 @@ pub fn run(ring: &Ring, tasks: Vec<Task<'_>>, finished: impl Fn() -> bool) -> io
     // The last task re-arms the poll on the eventfd each time it fires.
     let listener: Task<'_> = Box::pin(async {
         loop {
-            if let Err(e) = ring.poll_readable(&listen_slot, efd) {
+            if let Err(e) = ring.poll(&listen_slot, efd, libc::POLLIN) {
                 log::error!("cannot watch for cross-thread wake-ups: {e}");
                 return;
             }

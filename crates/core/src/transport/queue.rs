@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::io::{self, IoSlice};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,13 +15,14 @@ use tokio::io::Interest;
 use tokio::sync::Notify;
 
 use super::buffer::RequestBuffer;
+use super::executor::{self, Task};
 use super::idle_poll::IdlePoll;
 use super::reply::{reply_for, Body};
 use crate::export::{Export, Outcome};
 use crate::protocol::decode::{decode, DecodeError, HaltReason};
 use crate::protocol::encode::MAX_SMALL_REPLY;
 use crate::sys;
-use crate::sys::uring::{self, Ring, RingMode};
+use crate::sys::uring::{Persistent, Ring};
 
 /// Why the queues stopped on their own.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,10 +128,13 @@ pub fn run_queue(fd: OwnedFd, shared: Arc<Shared>) -> io::Result<()> {
 /// worker finished its last request.
 ///
 /// `idle`: a blocking fd on the same connection (a clone). When given, a queue with nothing in
-/// flight waits for its next request in a blocking `read(2)` on it instead of epoll + a
-/// non-blocking read: one syscall instead of up to three per request at depth 1. Only for a
-/// single-queue export whose owner can end the connection (fusectl `abort`) to wake that read on
-/// close: nothing else can (see `Session::shutdown`).
+/// flight waits for its next request in a blocking `read(2)` on it instead of polling the fd
+/// and reading it non-blocking. Only when the owner can wake that read on close (the wake
+/// signal, see `Session::wake_idle_readers`).
+///
+/// The queue runs on the executor of `transport::executor` over a driven io_uring (the ring
+/// polls the fd, carries the file I/O, and the executor polls it adaptively before sleeping);
+/// where io_uring is unavailable, on a tokio current-thread runtime with synchronous file I/O.
 pub fn run_queue_at(
     fd: OwnedFd,
     idle: Option<OwnedFd>,
@@ -141,52 +145,159 @@ pub fn run_queue_at(
     if let Some(idle) = &idle {
         sys::set_nonblocking(idle.as_fd(), false)?;
     }
+    let ring = match Ring::install() {
+        Ok(ring) => ring,
+        Err(e) => {
+            log::warn!("io_uring unavailable, file I/O will block the queue: {e}");
+            return run_on_tokio(fd, idle, shared, index);
+        }
+    };
+    let result = serve_on_ring(&ring, fd, idle, &shared, index);
+    drop(ring);
+    Ring::uninstall();
+    result
+}
+
+fn serve_on_ring(
+    ring: &Rc<Ring>,
+    fd: OwnedFd,
+    idle: Option<OwnedFd>,
+    shared: &Shared,
+    index: usize,
+) -> io::Result<()> {
+    let slot = |what: &str| {
+        ring.persistent()
+            .ok_or_else(|| io::Error::other(format!("no io_uring slot to poll for {what}")))
+    };
+    let readiness = Readiness::Ring {
+        ring: ring.clone(),
+        readable: slot("requests")?,
+        writable: slot("room")?,
+    };
+    let intake = Intake::new(Some(fd), readiness, idle);
+    let page = sys::page_size();
+    let tasks: Vec<Task<'_>> = (0..WORKERS_PER_QUEUE)
+        .map(|_| {
+            let buf = RequestBuffer::new(shared.max_write, page);
+            Box::pin(worker(&intake, shared, buf, index)) as Task<'_>
+        })
+        .collect();
+    executor::run(ring, tasks, || false)
+}
+
+/// The queue on a tokio current-thread runtime, for systems without io_uring.
+fn run_on_tokio(
+    fd: OwnedFd,
+    idle: Option<OwnedFd>,
+    shared: Arc<Shared>,
+    index: usize,
+) -> io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
     let local = tokio::task::LocalSet::new();
-    let result = local.block_on(&rt, async move {
-        // File I/O of this queue's requests goes through this thread's ring (see sys::uring);
-        // without io_uring the backends fall back to synchronous I/O.
-        match Ring::install(RingMode::Polled) {
-            Ok(ring) => {
-                tokio::task::spawn_local(async move {
-                    if let Err(e) = uring::reap_forever(ring).await {
-                        log::error!("io_uring completion reaper failed: {e}");
-                    }
-                });
-            }
-            Err(e) => log::warn!("io_uring unavailable, file I/O will block the queue: {e}"),
-        }
-        let intake = Rc::new(Intake {
-            fd: sys::async_fd(fd)?,
-            idle,
-            turn: tokio::sync::Mutex::new(()),
-            poll: IdlePoll::default(),
-        });
+    local.block_on(&rt, async move {
+        let intake = Rc::new(Intake::new(None, Readiness::Tokio(sys::async_fd(fd)?), idle));
         let page = sys::page_size();
         let mut workers = Vec::with_capacity(WORKERS_PER_QUEUE);
         for _ in 0..WORKERS_PER_QUEUE {
             let buf = RequestBuffer::new(shared.max_write, page);
-            let w = worker(intake.clone(), shared.clone(), buf, index);
-            workers.push(tokio::task::spawn_local(w));
+            let (intake, shared) = (intake.clone(), shared.clone());
+            workers.push(tokio::task::spawn_local(async move {
+                worker(&intake, &shared, buf, index).await
+            }));
         }
         for w in workers {
             w.await.map_err(|e| io::Error::other(format!("queue worker failed: {e}")))?;
         }
         Ok(())
-    });
-    Ring::uninstall();
-    result
+    })
+}
+
+/// How a queue waits for its fd to become readable (a request) or writable (room for a reply,
+/// only ever missing on a fake device's socket).
+enum Readiness {
+    Ring {
+        ring: Rc<Ring>,
+        readable: Persistent,
+        writable: Persistent,
+    },
+    /// Owns the fd.
+    Tokio(AsyncFd<OwnedFd>),
 }
 
 /// A queue's fd and the turn to read from it: idle workers line up on `turn`, so exactly one
 /// waits for the next request instead of all of them waking for each one.
 struct Intake {
-    fd: AsyncFd<OwnedFd>,
+    /// The non-blocking fd, unless `readiness` owns it.
+    fd: Option<OwnedFd>,
+    readiness: Readiness,
     /// Blocking fd for reads while nothing is in flight (see [`run_queue_at`]).
     idle: Option<OwnedFd>,
     turn: tokio::sync::Mutex<()>,
+    /// Waiting for room to write a reply, one worker at a time.
+    write_turn: tokio::sync::Mutex<()>,
     /// How long to look for the next request before sleeping in `idle`.
     poll: IdlePoll,
+}
+
+impl Intake {
+    fn new(fd: Option<OwnedFd>, readiness: Readiness, idle: Option<OwnedFd>) -> Self {
+        Intake {
+            fd,
+            readiness,
+            idle,
+            turn: tokio::sync::Mutex::new(()),
+            write_turn: tokio::sync::Mutex::new(()),
+            poll: IdlePoll::default(),
+        }
+    }
+
+    /// The queue's non-blocking fd.
+    fn polled(&self) -> BorrowedFd<'_> {
+        match (&self.fd, &self.readiness) {
+            (Some(fd), _) => fd.as_fd(),
+            (None, Readiness::Tokio(afd)) => afd.get_ref().as_fd(),
+            (None, Readiness::Ring { .. }) => unreachable!("a ring intake keeps its fd"),
+        }
+    }
+
+    /// Waits until the fd may have a request (or an error to report); the caller reads again.
+    async fn readable(&self) -> io::Result<()> {
+        match &self.readiness {
+            Readiness::Ring { ring, readable, .. } => {
+                ring.poll(readable, self.polled(), libc::POLLIN)?;
+                poll_result(ring.completion(readable).await)
+            }
+            // ERROR too: an aborted connection never turns readable, and the read reports it.
+            Readiness::Tokio(afd) => {
+                afd.ready(Interest::READABLE | Interest::ERROR).await?.clear_ready();
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits until the fd may take a reply. Several workers may wait; they take turns (the ring
+    /// has one poll per fd and direction).
+    async fn writable(&self) -> io::Result<()> {
+        let _turn = self.write_turn.lock().await;
+        match &self.readiness {
+            Readiness::Ring { ring, writable, .. } => {
+                ring.poll(writable, self.polled(), libc::POLLOUT)?;
+                poll_result(ring.completion(writable).await)
+            }
+            Readiness::Tokio(afd) => {
+                afd.writable().await?.clear_ready();
+                Ok(())
+            }
+        }
+    }
+}
+
+fn poll_result(res: i32) -> io::Result<()> {
+    if res < 0 {
+        Err(io::Error::from_raw_os_error(-res))
+    } else {
+        Ok(())
+    }
 }
 
 /// Which of the intake's fds a request came from: its reply must go to the same one.
@@ -266,7 +377,7 @@ async fn receive(
             let started = Instant::now();
             let window = intake.poll.window();
             while !window.is_zero() && started.elapsed() < window {
-                match classify(shared, sys::read(intake.fd.get_ref().as_fd(), buf.receive_area())) {
+                match classify(shared, sys::read(intake.polled(), buf.receive_area())) {
                     Received::Request(n) => {
                         intake.poll.record(started.elapsed());
                         return Some((n, Source::Polled));
@@ -285,7 +396,7 @@ async fn receive(
             }
         }
         // Try the non-blocking read first: under load a request is usually waiting.
-        match classify(shared, sys::read(intake.fd.get_ref().as_fd(), buf.receive_area())) {
+        match classify(shared, sys::read(intake.polled(), buf.receive_area())) {
             Received::Request(n) => return Some((n, Source::Polled)),
             Received::Stop => return None,
             Received::Retry => {}
@@ -296,25 +407,14 @@ async fn receive(
         if shared.stopping() {
             return None;
         }
-        let mut guard = tokio::select! {
+        let ready = tokio::select! {
             biased;
             _ = &mut stop => return None,
-            // ERROR too: an aborted connection never turns readable, and the read reports it.
-            g = intake.fd.ready(Interest::READABLE | Interest::ERROR) => match g {
-                Ok(g) => g,
-                Err(e) => {
-                    shared.stop_by_itself(StopCause::Halt(format!("polling /dev/fuse failed: {e}")));
-                    return None;
-                }
-            },
+            r = intake.readable() => r,
         };
-        match guard.try_io(|fd| sys::read(fd.get_ref().as_fd(), buf.receive_area())) {
-            Err(_would_block) => continue,
-            Ok(r) => match classify(shared, r) {
-                Received::Request(n) => return Some((n, Source::Polled)),
-                Received::Retry => continue,
-                Received::Stop => return None,
-            },
+        if let Err(e) = ready {
+            shared.stop_by_itself(StopCause::Halt(format!("polling /dev/fuse failed: {e}")));
+            return None;
         }
     }
 }
@@ -323,18 +423,18 @@ async fn receive(
 /// null backend, page-cache reads): then one worker loops read, handle, reply, with no task
 /// switch, like a blocking server. A request that has to wait (file I/O) passes the turn on to
 /// the next idle worker first, and this worker gets back in line after it.
-async fn worker(intake: Rc<Intake>, shared: Arc<Shared>, mut buf: RequestBuffer, queue: usize) {
+async fn worker(intake: &Intake, shared: &Shared, mut buf: RequestBuffer, queue: usize) {
     let mut small = [0u8; MAX_SMALL_REPLY];
     let (in_flight, served) = shared.counters(queue);
-    while let Some(turn) = take_turn(&intake, &shared).await {
+    while let Some(turn) = take_turn(intake, shared).await {
         let mut turn = Some(turn);
         while turn.is_some() {
-            let Some((n, source)) = receive(&intake, &shared, &mut buf, in_flight).await else {
+            let Some((n, source)) = receive(intake, shared, &mut buf, in_flight).await else {
                 return;
             };
             in_flight.fetch_add(1, Ordering::Relaxed);
             served.fetch_add(1, Ordering::Relaxed);
-            let serve = serve_one(&intake, source, &shared, &mut buf, n, &mut small);
+            let serve = serve_one(intake, source, shared, &mut buf, n, &mut small);
             tokio::pin!(serve);
             let first = std::future::poll_fn(|cx| Poll::Ready(serve.as_mut().poll(cx))).await;
             let keep_going = match first {
@@ -399,16 +499,17 @@ async fn reply(
     };
     let fd = match (source, &intake.idle) {
         (Source::Idle, Some(idle)) => idle.as_fd(),
-        _ => intake.fd.get_ref().as_fd(),
+        _ => intake.polled(),
     };
     loop {
         match sys::writev(fd, &[IoSlice::new(&header), IoSlice::new(body)]) {
             Ok(_) => return,
             // /dev/fuse never blocks, but a fake device (a socket) can be full: wait for room.
-            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => match intake.fd.writable().await {
-                Ok(mut guard) => guard.clear_ready(),
-                Err(_) => break,
-            },
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                if intake.writable().await.is_err() {
+                    break;
+                }
+            }
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
             // The request was interrupted or aborted meanwhile: nobody waits for the answer.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return,

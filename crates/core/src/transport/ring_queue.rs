@@ -21,7 +21,7 @@ use crate::protocol::decode::{decode, decode_ring, DecodeError};
 use crate::protocol::encode::MAX_SMALL_REPLY;
 use crate::sys;
 use crate::sys::fuse_uring::{FuseEntry, FuseRequest};
-use crate::sys::uring::{Ring, RingMode};
+use crate::sys::uring::Ring;
 
 /// What one ring queue thread serves.
 #[derive(Debug, Clone)]
@@ -84,8 +84,7 @@ fn register(
     fd: OwnedFd,
     plan: &RingQueuePlan,
 ) -> Result<(std::rc::Rc<Ring>, Vec<FuseEntry>), String> {
-    let ring = Ring::install(RingMode::Driven)
-        .map_err(|e| format!("cannot create this queue's io_uring: {e}"))?;
+    let ring = Ring::install().map_err(|e| format!("cannot create this queue's io_uring: {e}"))?;
     let fail = |e: String| {
         Ring::uninstall();
         e
@@ -255,7 +254,7 @@ async fn serve_dev_reads(
                 in_flight.fetch_sub(1, Ordering::Relaxed);
             }
             Received::Retry => {
-                if let Err(e) = ring.poll_readable(&slot, fd) {
+                if let Err(e) = ring.poll(&slot, fd, libc::POLLIN) {
                     return shared
                         .stop_by_itself(StopCause::Halt(format!("cannot poll /dev/fuse: {e}")));
                 }

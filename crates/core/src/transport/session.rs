@@ -18,7 +18,7 @@ use crate::protocol::abi::{opcode, size, KERNEL_MINOR_VERSION};
 use crate::protocol::decode::{decode, DecodeError, Op};
 use crate::protocol::encode::{init_out, out_header, MAX_SMALL_REPLY};
 use crate::sys;
-use crate::sys::uring::{Ring, RingMode};
+use crate::sys::uring::Ring;
 
 /// Largest READ and WRITE we negotiate: 1 MiB, with FUSE_MAX_PAGES (QEMU stops at 64 KiB).
 pub const MAX_TRANSFER: u32 = 1 << 20;
@@ -387,7 +387,7 @@ pub(crate) fn io_uring_support(param: &str) -> std::result::Result<(), String> {
             ))
         }
     }
-    Ring::probe(RingMode::Driven)
+    Ring::probe()
         .map_err(|e| format!("cannot create an io_uring with deferred task work (Linux 6.1+): {e}"))
 }
 
