@@ -2,10 +2,9 @@
 //! GETATTR over a fake device (a SOCK_SEQPACKET socketpair, which keeps message boundaries like
 //! /dev/fuse) with a raw file backend (io_uring path) makes zero heap allocations once warm.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use blockfuse_core::backend::{Backend, CacheMode, RawBackend, RawOptions};
@@ -13,45 +12,15 @@ use blockfuse_core::export::{Export, ExportOptions};
 use blockfuse_core::protocol::abi::opcode;
 use blockfuse_core::transport::queue::{run_queue, Shared};
 
-struct Counting;
+mod counting_alloc;
+use counting_alloc::{Counting, MEASURING, QUEUE_ALLOCATIONS, QUEUE_ALLOCATIONS_EVER};
 
-static MEASURING: AtomicBool = AtomicBool::new(false);
-static QUEUE_ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-/// Every allocation of the queue thread, measured or not: proves the counter sees that thread.
-static QUEUE_ALLOCATIONS_EVER: AtomicU64 = AtomicU64::new(0);
 thread_local! {
     static ON_QUEUE_THREAD: Cell<bool> = const { Cell::new(false) };
 }
 
-fn note() {
-    if ON_QUEUE_THREAD.with(|q| q.get()) {
-        QUEUE_ALLOCATIONS_EVER.fetch_add(1, Ordering::Relaxed);
-    }
-    if MEASURING.load(Ordering::Relaxed) && ON_QUEUE_THREAD.with(|q| q.get()) {
-        QUEUE_ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: defers every call to the system allocator unchanged; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note();
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note();
-        // SAFETY: same contract as ours.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: Counting = Counting { is_queue_thread: || ON_QUEUE_THREAD.with(|q| q.get()) };
 
 fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
     let mut fds = [0; 2];

@@ -5,23 +5,18 @@
 //! allocations once warm. Needs root, /dev/fuse and the kernel's `enable_uring` on; fails
 //! loudly otherwise.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use blockfuse_core::backend::CacheMode;
 use blockfuse_core::config::{self, ExportConfig, Source};
 use blockfuse_core::transport::IoUringMode;
 
-struct Counting;
-
-static MEASURING: AtomicBool = AtomicBool::new(false);
-static QUEUE_ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-/// Every allocation of a queue thread, measured or not: proves the counter sees those threads.
-static QUEUE_ALLOCATIONS_EVER: AtomicU64 = AtomicU64::new(0);
+mod counting_alloc;
+use counting_alloc::{Counting, MEASURING, QUEUE_ALLOCATIONS, QUEUE_ALLOCATIONS_EVER};
 
 /// Whether the calling thread is a queue thread, by its kernel name (prctl allocates nothing).
 fn on_queue_thread() -> bool {
@@ -31,35 +26,8 @@ fn on_queue_thread() -> bool {
     r == 0 && (name.starts_with(b"blockfuse-q") || name.starts_with(b"blockfuse-r"))
 }
 
-fn note() {
-    if on_queue_thread() {
-        QUEUE_ALLOCATIONS_EVER.fetch_add(1, Ordering::Relaxed);
-        if MEASURING.load(Ordering::Relaxed) {
-            QUEUE_ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-// SAFETY: defers every call to the system allocator unchanged; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note();
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note();
-        // SAFETY: same contract as ours.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: Counting = Counting { is_queue_thread: on_queue_thread };
 
 const IMAGE: usize = 4 << 20;
 const BLOCK: usize = 64 << 10;

@@ -276,21 +276,30 @@ impl Future for Completion<'_> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<i32> {
         let mut slots = self.ring.slots.borrow_mut();
         let slot = &mut slots[self.idx as usize];
-        match slot {
-            Slot::Done(res) => {
-                let res = *res;
+        match take_result(slot, cx) {
+            Poll::Ready(Some(res)) => {
                 *slot = Slot::Idle;
                 Poll::Ready(res)
             }
-            Slot::Pending(waker) => {
-                match waker {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    _ => *waker = Some(cx.waker().clone()),
-                }
-                Poll::Pending
-            }
-            Slot::Idle | Slot::Free => Poll::Ready(-libc::EINVAL),
+            Poll::Ready(None) => Poll::Ready(-libc::EINVAL),
+            Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+/// A slot's result if its operation completed; else registers `cx`'s waker (once per task) and
+/// is pending. `Ready(None)`: nothing is in flight on the slot.
+fn take_result(slot: &mut Slot, cx: &mut Context<'_>) -> Poll<Option<i32>> {
+    match slot {
+        Slot::Done(res) => Poll::Ready(Some(*res)),
+        Slot::Pending(waker) => {
+            match waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => *waker = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        }
+        Slot::Idle | Slot::Free => Poll::Ready(None),
     }
 }
 
@@ -311,22 +320,15 @@ impl Future for Op {
         // Cached reads often complete during submission: look before parking.
         self.ring.reap();
         let mut slots = self.ring.slots.borrow_mut();
-        match &mut slots[self.idx as usize] {
-            Slot::Done(res) => {
-                let res = *res;
+        match take_result(&mut slots[self.idx as usize], cx) {
+            Poll::Ready(Some(res)) => {
                 drop(slots);
                 self.ring.release(self.idx);
                 self.finished = true;
                 Poll::Ready(res)
             }
-            Slot::Pending(waker) => {
-                match waker {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    _ => *waker = Some(cx.waker().clone()),
-                }
-                Poll::Pending
-            }
-            Slot::Free | Slot::Idle => Poll::Ready(-libc::EIO),
+            Poll::Ready(None) => Poll::Ready(-libc::EIO),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
