@@ -1,5 +1,6 @@
-//! One /dev/fuse queue: its fd, its thread's current-thread runtime, and the workers that read,
-//! dispatch and answer requests on it. Replies always go to the fd the request came from.
+//! One /dev/fuse queue served by read(2): its fd, the thread's executor, and the workers that
+//! read, dispatch and answer requests on it. Replies always go to the fd the request came from.
+//! Also the state every queue of an export shares.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -17,7 +18,7 @@ use tokio::sync::Notify;
 use super::buffer::RequestBuffer;
 use super::executor::{self, Task};
 use super::idle_poll::IdlePoll;
-use super::reply::{reply_for, Body};
+use super::reply::reply_for;
 use crate::export::{Export, Outcome};
 use crate::protocol::decode::{decode, DecodeError, HaltReason};
 use crate::protocol::encode::MAX_SMALL_REPLY;
@@ -37,7 +38,7 @@ pub enum StopCause {
 pub struct Shared {
     pub export: Export,
     stop: AtomicBool,
-    pub(super) stop_notify: Notify,
+    stop_notify: Notify,
     /// The first reason the queues stopped by themselves, reported once.
     on_stop: Box<dyn Fn(StopCause) + Send + Sync>,
     stopped_reported: AtomicBool,
@@ -84,6 +85,17 @@ impl Shared {
 
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Acquire)
+    }
+
+    /// Resolves once a stop was requested (at once if it was already).
+    pub(super) async fn until_stopped(&self) {
+        let stop = self.stop_notify.notified();
+        tokio::pin!(stop);
+        // Registered before the flag is read: a request_stop in between still wakes us.
+        stop.as_mut().enable();
+        if !self.stopping() {
+            stop.await;
+        }
     }
 
     /// Requests being served right now, per queue.
@@ -171,10 +183,11 @@ fn serve_on_ring(
     };
     let readiness = Readiness::Ring {
         ring: ring.clone(),
+        fd,
         readable: slot("requests")?,
         writable: slot("room")?,
     };
-    let intake = Intake::new(Some(fd), readiness, idle);
+    let intake = Intake::new(readiness, idle);
     let page = sys::page_size();
     let tasks: Vec<Task<'_>> = (0..WORKERS_PER_QUEUE)
         .map(|_| {
@@ -195,7 +208,7 @@ fn run_on_tokio(
     let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let intake = Rc::new(Intake::new(None, Readiness::Tokio(sys::async_fd(fd)?), idle));
+        let intake = Rc::new(Intake::new(Readiness::Tokio(sys::async_fd(fd)?), idle));
         let page = sys::page_size();
         let mut workers = Vec::with_capacity(WORKERS_PER_QUEUE);
         for _ in 0..WORKERS_PER_QUEUE {
@@ -215,20 +228,14 @@ fn run_on_tokio(
 /// How a queue waits for its fd to become readable (a request) or writable (room for a reply,
 /// only ever missing on a fake device's socket).
 enum Readiness {
-    Ring {
-        ring: Rc<Ring>,
-        readable: Persistent,
-        writable: Persistent,
-    },
-    /// Owns the fd.
+    Ring { ring: Rc<Ring>, fd: OwnedFd, readable: Persistent, writable: Persistent },
     Tokio(AsyncFd<OwnedFd>),
 }
 
 /// A queue's fd and the turn to read from it: idle workers line up on `turn`, so exactly one
 /// waits for the next request instead of all of them waking for each one.
 struct Intake {
-    /// The non-blocking fd, unless `readiness` owns it.
-    fd: Option<OwnedFd>,
+    /// The non-blocking fd and how to wait for it.
     readiness: Readiness,
     /// Blocking fd for reads while nothing is in flight (see [`run_queue_at`]).
     idle: Option<OwnedFd>,
@@ -240,9 +247,8 @@ struct Intake {
 }
 
 impl Intake {
-    fn new(fd: Option<OwnedFd>, readiness: Readiness, idle: Option<OwnedFd>) -> Self {
+    fn new(readiness: Readiness, idle: Option<OwnedFd>) -> Self {
         Intake {
-            fd,
             readiness,
             idle,
             turn: tokio::sync::Mutex::new(()),
@@ -253,10 +259,9 @@ impl Intake {
 
     /// The queue's non-blocking fd.
     fn polled(&self) -> BorrowedFd<'_> {
-        match (&self.fd, &self.readiness) {
-            (Some(fd), _) => fd.as_fd(),
-            (None, Readiness::Tokio(afd)) => afd.get_ref().as_fd(),
-            (None, Readiness::Ring { .. }) => unreachable!("a ring intake keeps its fd"),
+        match &self.readiness {
+            Readiness::Ring { fd, .. } => fd.as_fd(),
+            Readiness::Tokio(afd) => afd.get_ref().as_fd(),
         }
     }
 
@@ -345,15 +350,9 @@ async fn take_turn<'a>(
     intake: &'a Intake,
     shared: &Shared,
 ) -> Option<tokio::sync::MutexGuard<'a, ()>> {
-    let stop = shared.stop_notify.notified();
-    tokio::pin!(stop);
-    stop.as_mut().enable();
-    if shared.stopping() {
-        return None;
-    }
     tokio::select! {
         biased;
-        _ = &mut stop => None,
+        _ = shared.until_stopped() => None,
         t = intake.turn.lock() => Some(t),
     }
 }
@@ -401,15 +400,9 @@ async fn receive(
             Received::Stop => return None,
             Received::Retry => {}
         }
-        let stop = shared.stop_notify.notified();
-        tokio::pin!(stop);
-        stop.as_mut().enable();
-        if shared.stopping() {
-            return None;
-        }
         let ready = tokio::select! {
             biased;
-            _ = &mut stop => return None,
+            _ = shared.until_stopped() => return None,
             r = intake.readable() => r,
         };
         if let Err(e) = ready {
@@ -492,11 +485,7 @@ async fn reply(
     buf: &mut RequestBuffer,
 ) {
     let Some((header, body)) = reply_for(unique, outcome) else { return };
-    let body: &[u8] = match body {
-        Body::None => &[],
-        Body::Small(n) => &small[..n],
-        Body::Data(n) => &buf.data()[..n],
-    };
+    let body = body.bytes(small, buf.data());
     let fd = match (source, &intake.idle) {
         (Source::Idle, Some(idle)) => idle.as_fd(),
         _ => intake.polled(),

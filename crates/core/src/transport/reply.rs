@@ -16,6 +16,15 @@ pub(super) enum Body {
 }
 
 impl Body {
+    /// The body's bytes, given the request's small reply buffer and data buffer.
+    pub(super) fn bytes<'a>(self, small: &'a [u8], data: &'a [u8]) -> &'a [u8] {
+        match self {
+            Body::None => &[],
+            Body::Small(n) => &small[..n],
+            Body::Data(n) => &data[..n],
+        }
+    }
+
     pub(super) fn len(self) -> usize {
         match self {
             Body::None => 0,

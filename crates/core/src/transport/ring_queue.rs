@@ -53,7 +53,7 @@ pub fn run_ring_queue(
             }
         }
     }
-    let ring = match register(fd, &plan) {
+    let (ring, entries) = match register(fd, &plan) {
         Ok(r) => r,
         Err(e) => {
             let _ = started.send(Err(e));
@@ -61,7 +61,6 @@ pub fn run_ring_queue(
         }
     };
     let _ = started.send(Ok(()));
-    let (ring, entries) = ring;
     let (in_flight, served) = shared.counters(plan.index);
     let mut tasks: Vec<Task<'_>> = Vec::with_capacity(entries.len() + 2);
     for entry in entries {
@@ -72,7 +71,7 @@ pub fn run_ring_queue(
         tasks.push(Box::pin(serve_dev_reads(&ring, &shared, buf, in_flight, served)));
     }
     // Wakes the loop when close() or another queue asks to stop.
-    tasks.push(Box::pin(stop_requested(&shared)));
+    tasks.push(Box::pin(shared.until_stopped()));
     let result =
         executor::run(&ring, tasks, || shared.stopping() && in_flight.load(Ordering::Relaxed) == 0);
     Ring::uninstall();
@@ -108,15 +107,6 @@ fn register(
         }
     }
     Ok((ring, entries))
-}
-
-async fn stop_requested(shared: &Shared) {
-    let stop = shared.stop_notify.notified();
-    tokio::pin!(stop);
-    stop.as_mut().enable();
-    if !shared.stopping() {
-        stop.await;
-    }
 }
 
 /// A command of an entry failed: the connection is gone, or the ring cannot be trusted.
@@ -235,11 +225,7 @@ async fn serve_dev_reads(
                     }
                 };
                 if let Some((out, body)) = reply_for(unique, outcome) {
-                    let body: &[u8] = match body {
-                        Body::None => &[],
-                        Body::Small(n) => &small[..n],
-                        Body::Data(n) => &buf.data()[..n],
-                    };
+                    let body = body.bytes(&small, buf.data());
                     match sys::writev(fd, &[IoSlice::new(&out), IoSlice::new(body)]) {
                         // ENOENT: the request was interrupted meanwhile (or, for an INTERRUPT
                         // of a ring request, the kernel does not find it here).

@@ -206,16 +206,8 @@ impl Session {
         for (fd, plan) in fds.into_iter().zip(plans) {
             let queue_shared = session.shared.clone();
             let started = started_tx.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("blockfuse-r{}", plan.index))
-                .spawn(move || run_ring_queue(fd, queue_shared, plan, started));
-            match spawned {
-                Ok(t) => session.threads.push(t),
-                Err(e) => {
-                    let _ = session.shutdown();
-                    return Err(Error::Internal(format!("cannot start queue thread: {e}")));
-                }
-            }
+            let name = format!("blockfuse-r{}", plan.index);
+            session.spawn_queue(name, move || run_ring_queue(fd, queue_shared, plan, started))?;
         }
         drop(started_tx);
         let mut failure = None;
@@ -246,18 +238,28 @@ impl Session {
         session.idle_reads = idle.iter().any(Option::is_some);
         for (i, (fd, queue_idle)) in fds.into_iter().zip(idle).enumerate() {
             let queue_shared = session.shared.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("blockfuse-q{i}"))
-                .spawn(move || run_queue_at(fd, queue_idle, queue_shared, i));
-            match spawned {
-                Ok(t) => session.threads.push(t),
-                Err(e) => {
-                    let _ = session.shutdown();
-                    return Err(Error::Internal(format!("cannot start queue thread: {e}")));
-                }
-            }
+            let name = format!("blockfuse-q{i}");
+            session.spawn_queue(name, move || run_queue_at(fd, queue_idle, queue_shared, i))?;
         }
         Ok(session)
+    }
+
+    /// Starts one queue thread; if that fails, shuts the session down and says so.
+    fn spawn_queue(
+        &mut self,
+        name: String,
+        queue: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+    ) -> Result<()> {
+        match std::thread::Builder::new().name(name).spawn(queue) {
+            Ok(t) => {
+                self.threads.push(t);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.shutdown();
+                Err(Error::Internal(format!("cannot start queue thread: {e}")))
+            }
+        }
     }
 
     pub fn export(&self) -> &Export {
