@@ -425,9 +425,9 @@ async fn worker(intake: &Intake, shared: &Shared, mut buf: RequestBuffer, queue:
             let Some((n, source)) = receive(intake, shared, &mut buf, in_flight).await else {
                 return;
             };
-            in_flight.fetch_add(1, Ordering::Relaxed);
             served.fetch_add(1, Ordering::Relaxed);
-            let serve = serve_one(intake, source, shared, &mut buf, n, &mut small);
+            let serving = Serving::start(in_flight);
+            let serve = serve_one(intake, source, shared, &mut buf, n, &mut small, serving);
             tokio::pin!(serve);
             let first = std::future::poll_fn(|cx| Poll::Ready(serve.as_mut().poll(cx))).await;
             let keep_going = match first {
@@ -437,11 +437,28 @@ async fn worker(intake: &Intake, shared: &Shared, mut buf: RequestBuffer, queue:
                     serve.await
                 }
             };
-            in_flight.fetch_sub(1, Ordering::Relaxed);
             if !keep_going {
                 return;
             }
         }
+    }
+}
+
+/// One request counted in its queue's in-flight counter until this is dropped: right before its
+/// reply is written (so a client that has its answer never sees it still in flight), or when
+/// the request ends without one.
+struct Serving<'a>(&'a AtomicU64);
+
+impl<'a> Serving<'a> {
+    fn start(in_flight: &'a AtomicU64) -> Self {
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        Serving(in_flight)
+    }
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -453,21 +470,24 @@ async fn serve_one(
     buf: &mut RequestBuffer,
     n: usize,
     small: &mut [u8; MAX_SMALL_REPLY],
+    serving: Serving<'_>,
 ) -> bool {
     // Decode into owned scalars before the first await; the buffer is reused for the reply.
-    let (header, op) = match decode(buf.request(n)) {
-        Ok(req) => (req.header, req.op),
+    let (unique, outcome) = match decode(buf.request(n)) {
+        Ok(req) => {
+            let outcome = shared.export.handle(req.header.opcode, req.op, small, buf.data()).await;
+            (req.header.unique, outcome)
+        }
         Err(DecodeError::Halt(reason)) => {
             halt(shared, reason);
             return false;
         }
-        Err(DecodeError::Malformed { header, errno }) => {
-            reply(intake, source, shared, header.unique, Outcome::Error(errno), small, buf).await;
-            return true;
-        }
+        Err(DecodeError::Malformed { header, errno }) => (header.unique, Outcome::Error(errno)),
     };
-    let outcome = shared.export.handle(header.opcode, op, small, buf.data()).await;
-    reply(intake, source, shared, header.unique, outcome, small, buf).await;
+    if let Some((header, body)) = reply_for(unique, outcome) {
+        let body = body.bytes(small, buf.data());
+        reply(intake, source, shared, unique, &header, body, serving).await;
+    }
     true
 }
 
@@ -475,23 +495,25 @@ fn halt(shared: &Shared, reason: HaltReason) {
     shared.stop_by_itself(StopCause::Halt(reason.to_string()));
 }
 
+/// Writes one reply to the fd its request came from.
 async fn reply(
     intake: &Intake,
     source: Source,
     shared: &Shared,
     unique: u64,
-    outcome: Outcome,
-    small: &[u8; MAX_SMALL_REPLY],
-    buf: &mut RequestBuffer,
+    header: &[u8],
+    body: &[u8],
+    serving: Serving<'_>,
 ) {
-    let Some((header, body)) = reply_for(unique, outcome) else { return };
-    let body = body.bytes(small, buf.data());
+    // Only a fake device (no idle blocking fd) can make the write below wait, so no other
+    // worker can go to sleep in read(2) on the strength of this early decrement.
+    drop(serving);
     let fd = match (source, &intake.idle) {
         (Source::Idle, Some(idle)) => idle.as_fd(),
         _ => intake.polled(),
     };
     loop {
-        match sys::writev(fd, &[IoSlice::new(&header), IoSlice::new(body)]) {
+        match sys::writev(fd, &[IoSlice::new(header), IoSlice::new(body)]) {
             Ok(_) => return,
             // /dev/fuse never blocks, but a fake device (a socket) can be full: wait for room.
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
