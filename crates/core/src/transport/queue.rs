@@ -16,7 +16,7 @@ use tokio::io::Interest;
 use tokio::sync::Notify;
 
 use super::buffer::RequestBuffer;
-use super::executor::{self, Task};
+use super::executor::{self, IdleWait, Task};
 use super::idle_poll::IdlePoll;
 use super::reply::reply_for;
 use crate::export::{Export, Outcome};
@@ -195,7 +195,10 @@ fn serve_on_ring(
             Box::pin(worker(&intake, shared, buf, index)) as Task<'_>
         })
         .collect();
-    executor::run(ring, tasks, || false)
+    // With an idle fd the intake polls for requests itself (see `receive`); the ring then only
+    // waits for file I/O.
+    let idle_wait = if intake.idle.is_some() { IdleWait::Sleep } else { IdleWait::Poll };
+    executor::run(ring, tasks, idle_wait, || false)
 }
 
 /// The queue on a tokio current-thread runtime, for systems without io_uring.

@@ -12,7 +12,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use super::buffer::RequestBuffer;
-use super::executor::{self, Task};
+use super::executor::{self, IdleWait, Task};
 use super::queue::{classify, Received, Shared, StopCause};
 use super::reply::{reply_for, Body};
 use crate::export::Outcome;
@@ -72,8 +72,9 @@ pub fn run_ring_queue(
     }
     // Wakes the loop when close() or another queue asks to stop.
     tasks.push(Box::pin(shared.until_stopped()));
-    let result =
-        executor::run(&ring, tasks, || shared.stopping() && in_flight.load(Ordering::Relaxed) == 0);
+    let result = executor::run(&ring, tasks, IdleWait::Poll, || {
+        shared.stopping() && in_flight.load(Ordering::Relaxed) == 0
+    });
     Ring::uninstall();
     result
 }
