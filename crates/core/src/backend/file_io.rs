@@ -7,20 +7,36 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 
 use crate::sys;
-use crate::sys::uring::Ring;
+use crate::sys::uring::{Ring, Submission};
 
 fn retryable(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN))
 }
 
+/// How a file's I/O is handed to the ring: at once for O_DIRECT, batched for the page cache
+/// (see [`Submission`]).
+pub fn submission_for(direct: bool) -> Submission {
+    if direct {
+        Submission::Now
+    } else {
+        Submission::Batched
+    }
+}
+
 /// Reads into `buf` from `offset` until it is full or EOF; returns the bytes read.
-pub async fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+pub async fn read_full(
+    file: &File,
+    buf: &mut [u8],
+    offset: u64,
+    submission: Submission,
+) -> io::Result<usize> {
     let ring = Ring::current();
     let mut done = 0;
     while done < buf.len() {
         let pos = offset + done as u64;
         let r = match &ring {
-            Some(ring) => match ring.read_at(file.as_fd(), &mut buf[done..], pos).await {
+            Some(ring) => match ring.read_at(file.as_fd(), &mut buf[done..], pos, submission).await
+            {
                 Some(r) => r,
                 None => file.read_at(&mut buf[done..], pos),
             },
@@ -37,13 +53,18 @@ pub async fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<u
 }
 
 /// Writes all of `buf` at `offset`.
-pub async fn write_all(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+pub async fn write_all(
+    file: &File,
+    buf: &[u8],
+    offset: u64,
+    submission: Submission,
+) -> io::Result<()> {
     let ring = Ring::current();
     let mut done = 0;
     while done < buf.len() {
         let pos = offset + done as u64;
         let r = match &ring {
-            Some(ring) => match ring.write_at(file.as_fd(), &buf[done..], pos).await {
+            Some(ring) => match ring.write_at(file.as_fd(), &buf[done..], pos, submission).await {
                 Some(r) => r,
                 None => file.write_at(&buf[done..], pos),
             },

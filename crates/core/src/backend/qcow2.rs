@@ -27,6 +27,7 @@ use tokio::sync::RwLock;
 
 use super::{file_io, BlockBackend, CacheMode, Extent};
 use crate::sys;
+use crate::sys::uring::Submission;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Qcow2Options {
@@ -397,6 +398,7 @@ pub struct ImageFile {
     path: PathBuf,
     mem_align: usize,
     req_align: usize,
+    submission: Submission,
     helper: CommonStorageHelper,
 }
 
@@ -425,13 +427,13 @@ impl ImageFile {
 
     /// Fills `buf` from `offset`; what lies past EOF reads as zeros.
     async fn pread_full(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let n = file_io::read_full(&self.file, buf, offset).await?;
+        let n = file_io::read_full(&self.file, buf, offset, self.submission).await?;
         buf[n..].fill(0);
         Ok(())
     }
 
     async fn pwrite_full(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        file_io::write_all(&self.file, buf, offset).await
+        file_io::write_all(&self.file, buf, offset, self.submission).await
     }
 
     async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
@@ -479,7 +481,9 @@ impl Storage for ImageFile {
         } else {
             (1, 1)
         };
-        Ok(ImageFile { file, path, mem_align, req_align, helper: CommonStorageHelper::default() })
+        let submission = file_io::submission_for(opts.get_direct());
+        let helper = CommonStorageHelper::default();
+        Ok(ImageFile { file, path, mem_align, req_align, submission, helper })
     }
 
     fn mem_align(&self) -> usize {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::{file_io, BlockBackend, Extent};
 use crate::aligned::AlignedBuf;
 use crate::sys;
-use crate::sys::uring::Ring;
+use crate::sys::uring::{Ring, Submission};
 
 /// How the image file is opened (QEMU's `cache.direct`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -35,6 +35,7 @@ pub struct RawBackend {
     len: AtomicU64,
     alignment: u32,
     optimal_transfer: u32,
+    submission: Submission,
     /// With O_DIRECT: aligned writes share it, a read-modify-write takes it alone, so an RMW never
     /// writes back stale bytes over a concurrent write to the same block.
     rmw: tokio::sync::RwLock<()>,
@@ -75,6 +76,7 @@ impl RawBackend {
             len: AtomicU64::new(len),
             alignment,
             optimal_transfer,
+            submission: file_io::submission_for(opts.cache == CacheMode::None),
             rmw: tokio::sync::RwLock::new(()),
         })
     }
@@ -100,11 +102,18 @@ impl RawBackend {
                 done = n;
             }
         }
-        Ok(done + file_io::read_full(&self.file, &mut buf[done..], offset + done as u64).await?)
+        Ok(done
+            + file_io::read_full(
+                &self.file,
+                &mut buf[done..],
+                offset + done as u64,
+                self.submission,
+            )
+            .await?)
     }
 
     async fn pwrite(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        file_io::write_all(&self.file, buf, offset).await
+        file_io::write_all(&self.file, buf, offset, self.submission).await
     }
 
     /// The aligned range covering `[offset, offset+len)`.
