@@ -68,7 +68,8 @@ Options:
   --writethrough                 flush after every write before acknowledging it
   --io-uring auto|on|off         FUSE-over-io_uring: on (fail if unavailable), off
                                  (read(2) on /dev/fuse), auto: io_uring when the
-                                 kernel offers it (default: auto)
+                                 kernel offers it and --threads is 2 or more, else
+                                 read(2) (default: auto)
   --on-halt unmount|keep         on a fatal protocol error: unmount (default) or keep
   --json                         print one JSON object per line instead of text
   --stats                        report counters once a second while running: with

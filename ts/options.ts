@@ -76,8 +76,9 @@ export interface FuseExportOptions {
    * `fuse` module's `enable_uring` parameter set): the kernel hands requests to ring entries and
    * takes replies from them, several per system call; creating the export fails with
    * `IO_URING_UNAVAILABLE` if that cannot be used. `'off'`: `read(2)`/`writev(2)` on
-   * `/dev/fuse`. `'auto'`: io_uring when the kernel offers it, else `read(2)`
-   * ({@link FuseExport.ioUring} says which). Default: `'auto'`.
+   * `/dev/fuse`. `'auto'`: io_uring when the kernel offers it and `threads` is 2 or more, else
+   * `read(2)`, which is faster with one thread ({@link FuseExport.ioUring} says which, and
+   * {@link FuseExport.ioUringFallback} why not io_uring). Default: `'auto'`.
    */
   ioUring?: IoUringMode
   /**
