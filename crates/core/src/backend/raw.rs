@@ -102,14 +102,9 @@ impl RawBackend {
                 done = n;
             }
         }
-        Ok(done
-            + file_io::read_full(
-                &self.file,
-                &mut buf[done..],
-                offset + done as u64,
-                self.submission,
-            )
-            .await?)
+        let rest = &mut buf[done..];
+        let n = file_io::read_full(&self.file, rest, offset + done as u64, self.submission).await?;
+        Ok(done + n)
     }
 
     async fn pwrite(&self, buf: &[u8], offset: u64) -> io::Result<()> {

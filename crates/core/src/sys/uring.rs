@@ -138,7 +138,8 @@ impl Ring {
         Ok(())
     }
 
-    /// Hands queued submissions to the kernel without waiting (a queue's last act).
+    /// Hands queued submissions to the kernel without waiting (a queue's last act, and
+    /// [`Submission::Now`] I/O).
     pub fn flush(&self) -> io::Result<()> {
         if self.unsubmitted.replace(false) {
             self.ring.borrow().submit()?;
@@ -189,8 +190,7 @@ impl Ring {
             return None;
         }
         if submission == Submission::Now {
-            self.unsubmitted.set(false);
-            if let Err(e) = self.ring.borrow().submit() {
+            if let Err(e) = self.flush() {
                 // Left in the queue, the entry goes with the next wait (which reports errors).
                 log::debug!("io_uring submit failed, deferring: {e}");
                 self.unsubmitted.set(true);
