@@ -2,8 +2,8 @@
  * FUSE-over-io_uring (`ioUring`): which intake an export uses and why, and the export's semantics
  * when requests come through ring entries instead of read(2): the replies of every kind travel
  * through the entry's payload buffer (data, attributes, statfs, lseek, write counts, errors), so
- * each is checked here with a real client. Needs the kernel's `enable_uring` parameter on (CI
- * turns it on; see .ci/run).
+ * each is checked here with a real client. Needs the kernel's `enable_uring` parameter on (`npm
+ * test` switches it on for the run and back afterwards).
  */
 import { readFile } from 'node:fs/promises'
 

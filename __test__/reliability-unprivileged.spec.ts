@@ -15,7 +15,7 @@ import { MiB } from './helpers/files.js'
 import { isMounted } from './helpers/mounts.js'
 import {
   blockPattern,
-  ensureDevFuseOpenToAll,
+  assertDevFuseOpenToAll,
   giveTo,
   NOBODY,
   probeBlocks,
@@ -36,7 +36,7 @@ test.before(async () => {
   if ((fm.mode & 0o4000) === 0 || fm.uid !== 0) {
     throw new Error('fusermount3 is not setuid root: unprivileged users cannot mount (reinstall fuse3)')
   }
-  await ensureDevFuseOpenToAll()
+  await assertDevFuseOpenToAll()
   user = await testUser()
 })
 

@@ -4,9 +4,11 @@
  *
  * @module
  */
+import { spawnSync } from 'node:child_process'
 import { constants } from 'node:fs'
-import { access, open, rename, writeFile } from 'node:fs/promises'
-import { resolve } from 'node:path'
+import { access, mkdtemp, open, rename, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join, resolve } from 'node:path'
 
 import { FuseExport } from './index.js'
 import { toBlockfuseError } from './native.js'
@@ -14,7 +16,6 @@ import { toBlockfuseError } from './native.js'
 const IMAGE = 'blockfuse-demo.raw'
 const MOUNTPOINT = 'blockfuse-demo.mnt'
 const IMAGE_SIZE = 64 * 1024 * 1024
-const MIB = 1024 * 1024
 
 /** False only when `path` does not exist (a stale mount on it counts as existing). */
 async function exists(path: string): Promise<boolean> {
@@ -26,30 +27,78 @@ async function exists(path: string): Promise<boolean> {
   }
 }
 
-/** One MiB of the demo image: a text header naming the block, then a byte pattern. */
-function demoBlock(index: number): Buffer {
-  const block = Buffer.alloc(MIB)
-  for (let i = 0; i < MIB; i++) block[i] = (i + index) & 0xff
-  const header =
-    index === 0
-      ? 'blockfuse demo image\n' +
-        'This 64 MiB raw image is exported as one regular file through FUSE.\n' +
-        'Every MiB starts with a line naming it, followed by a byte pattern.\n'
-      : ''
-  block.write(`${header}[block ${index} of ${IMAGE_SIZE / MIB}]\n`, 0, 'latin1')
-  return block
+/** Where the demo's one partition starts and how long it is, in 512-byte sectors. */
+const PART_START = 2048
+const PART_SECTORS = IMAGE_SIZE / 512 - PART_START
+const README_TEXT = `Hello from inside blockfuse-demo.raw!
+
+This file lives in an ext4 file system, in partition 1 of a disk image with an MBR partition
+table. blockfuse exports the whole image as one regular file (blockfuse-demo.mnt), and the
+kernel's loop device and ext4 driver read it through that file like a real disk.
+`
+
+/**
+ * The image's first sector: an MBR with one Linux partition (type 0x83) at PART_START. Written here
+ * rather than with sfdisk so that `npm start` needs no tool beyond mkfs.ext4 (Debian's e2fsprogs is
+ * part of every installation).
+ */
+function masterBootRecord(): Buffer {
+  const mbr = Buffer.alloc(512)
+  mbr.writeUInt32LE(0xb10cf05e, 440) // disk identifier
+  const entry = 446
+  mbr.writeUInt8(0x00, entry) // not bootable
+  mbr.set([0xfe, 0xff, 0xff], entry + 1) // CHS start: beyond CHS, use LBA
+  mbr.writeUInt8(0x83, entry + 4) // Linux
+  mbr.set([0xfe, 0xff, 0xff], entry + 5) // CHS end: beyond CHS, use LBA
+  mbr.writeUInt32LE(PART_START, entry + 8)
+  mbr.writeUInt32LE(PART_SECTORS, entry + 12)
+  mbr.writeUInt16LE(0xaa55, 510)
+  return mbr
 }
 
-/** Writes the image under a temporary name first, so an interrupted first run leaves no half image. */
+/**
+ * Builds the image under a temporary name first, so an interrupted first run leaves no half image:
+ * a partition table, then an ext4 file system in partition 1 holding hello.txt (mkfs.ext4 -d).
+ */
 async function createImage(path: string): Promise<void> {
   const partial = `${path}.partial`
-  const file = await open(partial, 'w')
+  const staging = await mkdtemp(join(tmpdir(), 'blockfuse-demo-'))
   try {
-    for (let i = 0; i < IMAGE_SIZE / MIB; i++) await file.write(demoBlock(i), 0, MIB, i * MIB)
+    await writeFile(join(staging, 'hello.txt'), README_TEXT)
+    const file = await open(partial, 'w')
+    try {
+      await file.truncate(IMAGE_SIZE)
+      await file.write(masterBootRecord(), 0, 512, 0)
+    } finally {
+      await file.close()
+    }
+    const mkfs = spawnSync(
+      'mkfs.ext4',
+      [
+        '-q',
+        '-F',
+        '-L',
+        'blockfuse-demo',
+        '-d',
+        staging,
+        '-E',
+        `offset=${PART_START * 512},nodiscard`,
+        partial,
+        `${(PART_SECTORS * 512) / 1024}k`,
+      ],
+      { encoding: 'utf8', env: { ...process.env, PATH: `${process.env.PATH ?? ''}:/usr/sbin:/sbin` } },
+    )
+    if (mkfs.error || mkfs.status !== 0) {
+      const why = mkfs.error ? mkfs.error.message : mkfs.stderr.trim()
+      throw new Error(
+        `mkfs.ext4 could not build the demo's file system (${why}); install it with \`apt-get install e2fsprogs\``,
+      )
+    }
+    await rename(partial, path)
   } finally {
-    await file.close()
+    await rm(staging, { recursive: true, force: true })
+    await rm(partial, { force: true })
   }
-  await rename(partial, path)
 }
 
 async function main(): Promise<void> {
@@ -57,7 +106,7 @@ async function main(): Promise<void> {
   const mountpoint = resolve(MOUNTPOINT)
   if (!(await exists(image))) {
     await createImage(image)
-    console.log(`created ${IMAGE} (64 MiB)`)
+    console.log(`created ${IMAGE} (64 MiB: an MBR partition table, ext4 with hello.txt in partition 1)`)
   }
   if (!(await exists(mountpoint))) await writeFile(mountpoint, '', { flag: 'wx' })
 
@@ -67,9 +116,16 @@ async function main(): Promise<void> {
 
 Try, in another terminal in this directory:
   cmp ${IMAGE} ${MOUNTPOINT} && echo identical
-  dd if=${MOUNTPOINT} bs=1M count=1 status=none | hexdump -C | head
   qemu-img info -f raw ${MOUNTPOINT}
-  printf 'hello' | dd of=${MOUNTPOINT} bs=1 seek=4096 conv=notrunc status=none   # lands in ${IMAGE}
+  sfdisk -l ${MOUNTPOINT}                     # the partition table, read through the export
+
+Look inside the ext4 file system of partition 1 (starts at ${PART_START * 512} bytes), read-only:
+  mkdir -p /tmp/blockfuse-demo-fs
+  mount -o ro,loop,offset=${PART_START * 512} ${MOUNTPOINT} /tmp/blockfuse-demo-fs
+  cat /tmp/blockfuse-demo-fs/hello.txt
+  umount /tmp/blockfuse-demo-fs
+or with a partition-scanning loop device (where udev makes /dev/loopNp1):
+  losetup -P -r --show -f ${MOUNTPOINT}       # prints /dev/loopN; mount /dev/loopNp1 read-only
 
 Press Ctrl-C to unmount.`)
 

@@ -3,13 +3,34 @@
  * clear message instead of testing old code.
  */
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process'
-import { readdirSync, statSync } from 'node:fs'
+import { chmodSync, cpSync, mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
 import { run, type RunResult } from './run.js'
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url))
 export const CLI = `${ROOT}dist/cli.js`
+
+let copyForOtherUsers: string | undefined
+
+/**
+ * The CLI as another user runs it: a copy of what the package ships (package.json, dist/, native/)
+ * in a world-readable temporary folder, made once per test process and removed at its exit. The
+ * clone itself may sit in a folder only its owner can enter (under /root, or a `mktemp -d`).
+ */
+export function cliForOtherUsers(): string {
+  if (copyForOtherUsers === undefined) {
+    const dir = mkdtempSync(join(tmpdir(), 'blockfuse-cli-copy-'))
+    chmodSync(dir, 0o755)
+    for (const part of ['package.json', 'dist', 'native'])
+      cpSync(`${ROOT}${part}`, join(dir, part), { recursive: true })
+    process.on('exit', () => rmSync(dir, { recursive: true, force: true }))
+    copyForOtherUsers = join(dir, 'dist', 'cli.js')
+  }
+  return copyForOtherUsers
+}
 
 /** Throws unless dist/ holds a build of every ts/*.ts that is at least as new as its source. */
 export function assertCliBuilt(): void {

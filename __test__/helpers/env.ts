@@ -2,9 +2,15 @@
  * The end-to-end specs need root, /dev/fuse and real client tools. A missing one is a loud
  * failure with the reason, never a skip.
  */
-import { accessSync, constants } from 'node:fs'
+import { accessSync, constants, readFileSync } from 'node:fs'
 
 import { hasTool } from './run.js'
+
+const TOOL_PACKAGES = (
+  JSON.parse(readFileSync(new URL('../../scripts/test-tools.json', import.meta.url), 'utf8')) as {
+    tools: Record<string, string>
+  }
+).tools
 
 /** Throws an Error naming everything the end-to-end tests need but this machine lacks. */
 export function assertE2eEnvironment(tools: readonly string[]): void {
@@ -23,16 +29,7 @@ export function assertE2eEnvironment(tools: readonly string[]): void {
   }
 }
 
+/** The Debian package of `tool`, from the map that `npm test` installs from. */
 function packageOf(tool: string): string {
-  switch (tool) {
-    case 'qemu-img':
-    case 'qemu-io':
-      return 'qemu-utils'
-    case 'fusermount3':
-      return 'fuse3'
-    case 'findmnt':
-      return 'util-linux'
-    default:
-      return tool === 'cmp' ? 'diffutils' : 'coreutils'
-  }
+  return TOOL_PACKAGES[tool] ?? `the package that provides ${tool}`
 }
