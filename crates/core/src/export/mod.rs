@@ -289,8 +289,9 @@ impl Export {
                     }
                 }
             } else if offset >= len {
-                // A zero-length write: the client reports ENOSPC.
-                return Outcome::Small(encode::write_out(small, 0));
+                // Nothing fits. ENOSPC rather than a 0-byte write: callers that retry short
+                // writes (Node's fs) would loop forever on 0; dd reports the same error either way.
+                return Outcome::Error(libc::ENOSPC);
             } else {
                 // Clients expect short writes at EOF.
                 n = len - offset;

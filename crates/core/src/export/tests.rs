@@ -638,11 +638,14 @@ fn write_inside_the_image_lands_in_the_backend() {
 }
 
 #[test]
-fn non_growable_write_at_or_past_eof_writes_nothing() {
+fn non_growable_write_at_or_past_eof_is_enospc() {
     let e = export(writable());
     for offset in [IMAGE_LEN as u64, IMAGE_LEN as u64 + 1, 1 << 40] {
-        assert_eq!(write(&e, offset, &[9; 100]).written(), 0, "offset {offset}");
+        let r = write(&e, offset, &[9; 100]);
+        assert_eq!(r.outcome, Outcome::Error(libc::ENOSPC), "offset {offset}");
     }
+    // Writing nothing still succeeds with 0, at EOF as anywhere (write(2)).
+    assert_eq!(write(&e, IMAGE_LEN as u64, &[]).written(), 0);
     assert_eq!(mem(&e).snapshot(), pattern(IMAGE_LEN));
 }
 
