@@ -57,7 +57,11 @@ pub struct Stats {
     pub requests: [AtomicU64; 64],
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// Requests answered with an errno, except `ENOSYS`.
     pub errors: AtomicU64,
+    /// Requests answered `ENOSYS`: operations blockfuse does not implement by design (the kernel
+    /// then stops asking, e.g. STATX falls back to GETATTR). Not failures, so not in `errors`.
+    pub unsupported: AtomicU64,
     /// Replies that could not be sent (other than for interrupted requests).
     pub lost_replies: AtomicU64,
 }
@@ -69,6 +73,7 @@ impl Default for Stats {
             bytes_read: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            unsupported: AtomicU64::new(0),
             lost_replies: AtomicU64::new(0),
         }
     }
@@ -149,8 +154,14 @@ impl Export {
             Op::Lseek { offset, whence } => self.lseek(offset, whence, small).await,
             Op::Unsupported => Outcome::Error(libc::ENOSYS),
         };
-        if let Outcome::Error(_) = outcome {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        match outcome {
+            Outcome::Error(libc::ENOSYS) => {
+                self.stats.unsupported.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Error(_) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
         }
         outcome
     }

@@ -369,12 +369,15 @@ fn stats_count_requests_bytes_and_errors() {
     write(&e, 0, &[1; 30]);
     call(&e, Op::Getattr, &[]);
     call(&e, Op::Lookup, &[]);
+    call(&e, Op::Unsupported, &[]);
+    call(&e, Op::Unsupported, &[]);
     assert_eq!(e.stats.requests[opcode::FUSE_READ as usize].load(Relaxed), 1);
     assert_eq!(e.stats.requests[opcode::FUSE_WRITE as usize].load(Relaxed), 1);
     assert_eq!(e.stats.requests[opcode::FUSE_GETATTR as usize].load(Relaxed), 1);
     assert_eq!(e.stats.bytes_read.load(Relaxed), 100);
     assert_eq!(e.stats.bytes_written.load(Relaxed), 30);
-    assert_eq!(e.stats.errors.load(Relaxed), 1);
+    assert_eq!(e.stats.errors.load(Relaxed), 1, "LOOKUP's error; ENOSYS is counted apart");
+    assert_eq!(e.stats.unsupported.load(Relaxed), 2);
 }
 
 // ---------------------------------------------------------------------------------------------
