@@ -59,6 +59,16 @@ pub fn mount(source: &str, target: &Path, fstype: &str, flags: u64, data: &str) 
     .map(drop)
 }
 
+/// `flock(fd, LOCK_EX | LOCK_NB)`: Ok(false) if another open file description holds a lock.
+pub fn try_lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: flock takes no pointers; `fd` is open for the duration of the call.
+    match check(unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// umount2(2).
 pub fn umount2(target: &Path, flags: i32) -> io::Result<()> {
     let target = cstr(target)?;
