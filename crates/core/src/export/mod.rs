@@ -139,11 +139,18 @@ impl Export {
             Op::Statfs => Outcome::Small(self.statfs(small)),
             Op::Getattr => Outcome::Small(self.getattr(small)),
             Op::Setattr(s) => self.setattr(s, small).await,
-            Op::Open { .. } => Outcome::Small(encode::open_out(
-                small,
-                0,
-                fopen::FOPEN_DIRECT_IO | fopen::FOPEN_PARALLEL_DIRECT_WRITES,
-            )),
+            Op::Open { pid, .. } => {
+                let mut flags = fopen::FOPEN_DIRECT_IO | fopen::FOPEN_PARALLEL_DIRECT_WRITES;
+                // Our own process's files get no FLUSH on close: if the process ends without
+                // close(), its last thread closes them after the queue threads are gone, and a
+                // FLUSH would wait for an answer forever (docs/DESIGN.md, "Ending without
+                // close()"). A FLUSH only syncs the image, which close(2) never promises.
+                // (The one place outside `sys` that asks the OS something: a /proc lookup.)
+                if crate::sys::is_own_thread(pid) {
+                    flags |= fopen::FOPEN_NOFLUSH;
+                }
+                Outcome::Small(encode::open_out(small, 0, flags))
+            }
             Op::Read { offset, size } => self.read(offset, size, data).await,
             Op::Write { offset, size } => self.write(offset, size, data, small).await,
             Op::Flush | Op::Fsync { .. } => match self.backend.flush().await {

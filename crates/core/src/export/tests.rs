@@ -334,7 +334,7 @@ fn statfs() {
 #[test]
 fn open_asks_for_direct_io() {
     let e = export(opts());
-    let r = call(&e, Op::Open { flags: libc::O_RDWR as u32 }, &[]);
+    let r = call(&e, Op::Open { flags: libc::O_RDWR as u32, pid: 0 }, &[]);
     assert_eq!(r.outcome, Outcome::Small(16));
     assert_eq!(r.u32_at(8), fopen::FOPEN_DIRECT_IO | fopen::FOPEN_PARALLEL_DIRECT_WRITES);
 }

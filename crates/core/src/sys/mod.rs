@@ -299,6 +299,11 @@ pub fn eventfd_drain(fd: BorrowedFd<'_>) {
     let _ = unsafe { libc::read(fd.as_raw_fd(), count.as_mut_ptr().cast(), count.len()) };
 }
 
+/// Whether `tid` is a thread of this process (a FUSE request's pid is the caller's thread id).
+pub fn is_own_thread(tid: u32) -> bool {
+    tid != 0 && Path::new(&format!("/proc/self/task/{tid}")).exists()
+}
+
 /// Restricts the calling thread to CPU `cpu` (sched_setaffinity).
 pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     // SAFETY: cpu_set_t is plain old data; all-zero is the empty set.
