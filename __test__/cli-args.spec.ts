@@ -81,7 +81,8 @@ test('--stats is a flag of its own, with or without --json, in any position', (t
 
 test('--format takes raw, qcow2, null and auto; the usage names them and the auto default', (t) => {
   for (const format of ['raw', 'qcow2', 'null', 'auto']) {
-    t.like(parseCliArgs(['export', '--format', format, 'a', 'b']), { options: { format } })
+    const source = format === 'null' ? 'null:1G' : 'a'
+    t.like(parseCliArgs(['export', '--format', format, source, 'b']), { options: { format } })
   }
   t.regex(EXPORT_USAGE, /--format raw\|qcow2\|null\|auto +image format \(default: auto/)
 })
@@ -114,8 +115,12 @@ const usageErrors: Array<[string, string[], RegExp]> = [
   ['an unknown export option', ['export', '--readonly', 'a', 'b'], /Unknown option '--readonly'/],
   ['a flag given a value', ['export', '--writable=yes', 'a', 'b'], /--writable/],
   ['a missing option value', ['export', 'a', 'b', '--threads'], /--threads/],
-  ['non-numeric threads', ['export', '--threads', 'many', 'a', 'b'], /--threads must be a whole number, got "many"/],
-  ['negative threads', ['export', '--threads=-1', 'a', 'b'], /--threads must be a whole number, got "-1"/],
+  [
+    'non-numeric threads',
+    ['export', '--threads', 'many', 'a', 'b'],
+    /--threads must be a whole number from 1 to 64, got "many"/,
+  ],
+  ['negative threads', ['export', '--threads=-1', 'a', 'b'], /--threads must be a whole number from 1 to 64, got "-1"/],
   [
     'a bad --allow-other',
     ['export', '--allow-other', 'yes', 'a', 'b'],
@@ -143,9 +148,30 @@ test('usage errors after export point at the export usage', (t) => {
   t.is(t.throws(() => parseCliArgs(['nope']), { instanceOf: UsageError })?.topic, 'main')
 })
 
-test('values are checked by the options layer, not the parser: --threads 0 and a bad null size parse', (t) => {
-  t.like(parseCliArgs(['export', '--threads', '0', 'null:1.5G', 'm']), {
-    options: { threads: 0, source: { null: '1.5G' } },
+test('values judged without the filesystem are usage errors in CLI terms, not option names', (t) => {
+  const cases: Array<[string[], RegExp]> = [
+    [['--threads', '0', 'a', 'b'], /^--threads must be a whole number from 1 to 64, got "0"$/],
+    [['--threads', '65', 'a', 'b'], /^--threads must be a whole number from 1 to 64, got "65"$/],
+    [['--threads', '10000', 'a', 'b'], /^--threads must be a whole number from 1 to 64, got "10000"$/],
+    [['--growable', 'a', 'b'], /^--growable needs --writable/],
+    [['--format', 'null', 'img.raw', 'b'], /^--format null needs a source of the form null:<size> .*"img.raw"$/],
+    [['--format', 'raw', 'null:1G', 'b'], /^--format raw needs an image path, but "null:1G" is a null source/],
+    [['null:0', 'b'], /^null:0: null backend size "0" is invalid: it must be greater than 0$/],
+    [['null:1.5G', 'b'], /^null:1.5G: null backend size "1.5G" is invalid: expected a decimal integer/],
+    [['null:', 'b'], /^null:: null backend size "" is invalid/],
+    [['', 'b'], /^<source> must not be empty$/],
+    [['a', ''], /^<mountpoint> must not be empty$/],
+  ]
+  for (const [argv, message] of cases) {
+    const err = t.throws(() => parseCliArgs(['export', ...argv]), { instanceOf: UsageError, message }, argv.join(' '))
+    t.is(err?.topic, 'export')
+    t.notRegex(err?.message ?? '', /option "|source: \{|writable: true/, 'no API syntax in a CLI message')
+  }
+  // The bounds themselves and a valid null size parse.
+  t.like(parseCliArgs(['export', '--threads', '64', '--format', 'null', 'null:1G', 'm']), {
+    options: { threads: 64, format: 'null', source: { null: '1G' } },
   })
-  t.like(parseCliArgs(['export', '--growable', 'a', 'b']), { options: { growable: true } })
+  t.like(parseCliArgs(['export', '--threads', '1', '--growable', '--writable', 'a', 'b']), {
+    options: { threads: 1, growable: true, writable: true },
+  })
 })

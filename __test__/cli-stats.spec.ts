@@ -9,6 +9,7 @@ const before: ExportStats = {
   bytesRead: 100 * 4096,
   bytesWritten: 0,
   errors: 0,
+  unsupported: 0,
   inFlight: [0, 0],
   served: [60, 44],
   lostReplies: 0,
@@ -18,6 +19,7 @@ const after: ExportStats = {
   bytesRead: 12_100 * 4096,
   bytesWritten: 10 * 65536,
   errors: 1,
+  unsupported: 2,
   inFlight: [3, 1],
   served: [7000, 5120],
   lostReplies: 0,
@@ -31,6 +33,7 @@ test('the JSON event carries every counter under the names of ExportStats', (t) 
     bytesRead: 12_100 * 4096,
     bytesWritten: 655360,
     errors: 1,
+    unsupported: 2,
     inFlight: [3, 1],
     served: [7000, 5120],
     lostReplies: 0,
@@ -41,7 +44,7 @@ test('the human line shows rates since the previous sample, totals and in-flight
   t.is(
     statsLine(after, before, 2),
     'stats: 6006 req/s (READ 6000, WRITE 5, GETATTR 1), read 23.4 MiB/s, written 320.0 KiB/s; ' +
-      'total 12116 req, 1 error; in flight 3 1',
+      'total 12116 req, 1 error, 2 unsupported; in flight 3 1',
   )
 })
 

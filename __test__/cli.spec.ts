@@ -81,6 +81,29 @@ for (const [what, args, message] of [
     /--allow-other must be one of on, off, auto/,
   ],
   ['a non-numeric --threads', ['export', '--threads', 'x', 'a', 'b'], /--threads must be a whole number/],
+  ['--threads 0', ['export', '--threads', '0', 'a', 'b'], /--threads must be a whole number from 1 to 64, got "0"/],
+  ['--threads 10000', ['export', '--threads', '10000', 'a', 'b'], /--threads must be a whole number from 1 to 64/],
+  ['--threads without a value', ['export', 'a', 'b', '--threads'], /--threads/],
+  ['--growable without --writable', ['export', '--growable', 'a', 'b'], /--growable needs --writable/],
+  ['--format null with a path', ['export', '--format', 'null', 'img.raw', 'b'], /--format null needs .*null:<size>/],
+  [
+    '--format qcow2 with a null source',
+    ['export', '--format', 'qcow2', 'null:1G', 'b'],
+    /--format qcow2 needs an image path/,
+  ],
+  ['a bad --format', ['export', '--format', 'vmdk', 'a', 'b'], /--format must be one of raw, qcow2, null, auto/],
+  ['a bad --cache', ['export', '--cache', 'direct', 'a', 'b'], /--cache must be one of writeback, none/],
+  ['a bad --io-uring', ['export', '--io-uring', 'yes', 'a', 'b'], /--io-uring must be one of auto, on, off/],
+  ['a bad --on-halt', ['export', '--on-halt', 'stop', 'a', 'b'], /--on-halt must be one of unmount, keep/],
+  ['--writable given a value', ['export', '--writable=yes', 'a', 'b'], /--writable/],
+  ['--writethrough given a value', ['export', '--writethrough=1', 'a', 'b'], /--writethrough/],
+  ['--json given a value', ['export', '--json=1', 'a', 'b'], /--json/],
+  ['--stats given a value', ['export', '--stats=1', 'a', 'b'], /--stats/],
+  ['a null size of 0', ['export', 'null:0', 'b'], /null:0: null backend size "0" is invalid/],
+  ['a fractional null size', ['export', 'null:1.5G', 'b'], /null:1.5G: null backend size "1.5G" is invalid/],
+  ['an empty source', ['export', '', 'b'], /<source> must not be empty/],
+  ['three arguments', ['export', 'a', 'b', 'c'], /export takes two arguments/],
+  ['extra arguments after --version', ['--version', 'x'], /unexpected argument/],
 ] as Array<[string, string[], RegExp]>) {
   test(`usage error exits 2 with the usage on stderr: ${what}`, async (t) => {
     const r = await runCli(args)
@@ -89,6 +112,7 @@ for (const [what, args, message] of [
     t.regex(r.stderr, /^blockfuse: /)
     t.regex(r.stderr, message)
     t.regex(r.stderr, /Usage: blockfuse/)
+    t.notRegex(r.stderr, /option "|source: \{|writable: true|INVALID_OPTION/, 'CLI syntax, not API option names')
   })
 }
 
@@ -101,14 +125,13 @@ test('a missing source exits 1 with the message and code', async (t) => {
   t.is(r.stderr, `blockfuse: source "${missing}" does not exist (SOURCE_NOT_FOUND)\n`)
 })
 
-test('validation errors exit 1 with their code', async (t) => {
+test('runtime errors (what only the filesystem or the kernel can tell) exit 1 with their code', async (t) => {
   const f = await imageFixture(t, MiB)
+  await writeFile(join(f.dir, 'qcow2-named.raw'), Buffer.alloc(MiB))
   const cases: Array<[string[], string]> = [
-    [['null:0', f.mountpoint], 'NULL_SIZE_INVALID'],
-    [['null:1.5G', f.mountpoint], 'NULL_SIZE_INVALID'],
-    [['--threads', '0', f.image, f.mountpoint], 'INVALID_OPTION'],
-    [['--growable', f.image, f.mountpoint], 'INVALID_OPTION'],
-    [['--format', 'null', f.image, f.mountpoint], 'INVALID_OPTION'],
+    [[join(f.dir, 'nope.raw'), f.mountpoint], 'SOURCE_NOT_FOUND'],
+    [[f.dir, f.mountpoint], 'SOURCE_NOT_FILE'],
+    [['--format', 'qcow2', join(f.dir, 'qcow2-named.raw'), f.mountpoint], 'SOURCE_OPEN_FAILED'],
     [[f.image, f.dir], 'MOUNTPOINT_NOT_FILE'],
     [[f.image, join(f.dir, 'nope')], 'MOUNTPOINT_NOT_FOUND'],
   ]

@@ -1,6 +1,7 @@
 /**
  * iotest 308 "Try growing non-growable export": writes at or past EOF of a writable, non-growable
- * export write nothing (clients see ENOSPC), a write straddling EOF writes the part before it,
+ * export write nothing and fail with ENOSPC (never a 0-byte write, which Node's fs functions retry
+ * forever), a write straddling EOF writes the part before it,
  * a read straddling EOF is short and a read past EOF is empty. Export and image keep their size.
  */
 import { randomBytes } from 'node:crypto'
@@ -12,6 +13,7 @@ import test from 'ava'
 import { assertE2eEnvironment } from './helpers/env.js'
 import { imageFixture } from './helpers/exports.js'
 import { KiB, MiB } from './helpers/files.js'
+import { run } from './helpers/run.js'
 import { client, ddRecords, openExport, sizeOf } from './helpers/semantics.js'
 
 test.before(() => {
@@ -110,4 +112,52 @@ test('a read past EOF (bs=1 count=1 skip=EOF+32k) reads 0 bytes', async (t) => {
   } finally {
     await fh.close()
   }
+})
+
+/**
+ * Node's fs functions repeat a write until everything is written, so a 0-byte answer made them spin
+ * (issue 22). They run in a child process under a deadline: a regression fails the test instead of
+ * spinning the test's own thread pool.
+ */
+const NODE_CLIENT = `
+const fs = require('node:fs')
+const [path, how, at] = process.argv.slice(1)
+const data = Buffer.alloc(100, 0x5a)
+const done = (err) => { process.stdout.write(JSON.stringify(err ? { code: err.code } : { ok: true })) }
+if (how === 'appendFile') fs.appendFile(path, data, done)
+else if (how === 'writeFile-a') fs.writeFile(path, data, { flag: 'a' }, done)
+else {
+  const fd = fs.openSync(path, 'r+')
+  try { fs.writeSync(fd, data, 0, data.length, Number(at)); done() } catch (e) { done(e) }
+}
+`
+
+async function nodeClient(path: string, how: string, at = 0): Promise<{ code?: string; ok?: boolean }> {
+  const r = await run('timeout', ['-k', '1', '20', process.execPath, '-e', NODE_CLIENT, path, how, String(at)])
+  if (r.code !== 0) throw new Error(`node client ${how} exited ${r.code ?? r.signal}: ${r.stderr}`)
+  return JSON.parse(r.stdout) as { code?: string; ok?: boolean }
+}
+
+for (const how of ['appendFile', 'writeFile-a'] as const) {
+  test(`fs.${how === 'appendFile' ? 'appendFile' : "writeFile(flag 'a')"} at the end throws ENOSPC and writes nothing`, async (t) => {
+    const f = await imageFixture(t, LEN)
+    const exp = await openExport(t, { source: f.image, mountpoint: f.mountpoint, writable: true })
+    t.deepEqual(await nodeClient(f.mountpoint, how), { code: 'ENOSPC' })
+    t.is(await sizeOf(f.mountpoint), LEN)
+    t.true((await readFile(f.image)).equals(f.data), 'the image is unchanged')
+    t.true(exp.stats().requests.WRITE <= 4, `a handful of WRITEs, not a spin: ${exp.stats().requests.WRITE}`)
+  })
+}
+
+test('fs.writeSync at and past EOF throws ENOSPC; across EOF it writes the part before EOF', async (t) => {
+  const f = await imageFixture(t, LEN)
+  await openExport(t, { source: f.image, mountpoint: f.mountpoint, writable: true })
+  t.deepEqual(await nodeClient(f.mountpoint, 'writeSync', LEN), { code: 'ENOSPC' })
+  t.deepEqual(await nodeClient(f.mountpoint, 'writeSync', LEN + 4096), { code: 'ENOSPC' })
+  // writeSync writes once: the part before EOF (a short write is not an error).
+  t.deepEqual(await nodeClient(f.mountpoint, 'writeSync', LEN - 10), { ok: true })
+  const expected = Buffer.from(f.data)
+  expected.fill(0x5a, LEN - 10)
+  t.true((await readFile(f.image)).equals(expected), 'exactly the 10 bytes before EOF were written')
+  t.is(await sizeOf(f.image), LEN)
 })

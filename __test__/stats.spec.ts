@@ -55,6 +55,23 @@ test('after dd reads 10 × 64 KiB: READ ≥ 10, bytesRead ≥ 655360, one idle i
   )
 })
 
+test("Node's fs.stat (STATX, answered ENOSYS by design) counts as unsupported, not as an error", async (t) => {
+  const f = await imageFixture(t, 4 * MiB)
+  const exp = await openExport(t, { source: f.image, mountpoint: f.mountpoint })
+  // Node asks for the birth time, so the kernel tries STATX first, once per connection.
+  const r = await run(process.execPath, [
+    '-e',
+    `console.log(require('fs').statSync(process.argv[1]).size)`,
+    f.mountpoint,
+  ])
+  t.is(r.stdout.trim(), String(4 * MiB), r.stderr)
+  await mustClient('dd', [`if=${f.mountpoint}`, 'of=/dev/null', `bs=${KiB64}`, 'count=2'])
+  const stats = exp.stats()
+  t.is(stats.errors, 0, 'a clean run has no errors')
+  t.true(stats.unsupported >= 1, `unsupported ${stats.unsupported} (requests ${JSON.stringify(stats.requests)})`)
+  t.is(stats.requests.STATX ?? 0, stats.unsupported, 'every unsupported answer here was a STATX')
+})
+
 test('writes count bytesWritten; requests answered with an error count as errors; stats survive close()', async (t) => {
   const f = await imageFixture(t, 4 * MiB)
   const exp = await openExport(t, { source: f.image, mountpoint: f.mountpoint, writable: true, allowOther: 'off' })

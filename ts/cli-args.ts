@@ -1,13 +1,25 @@
 /**
- * Command-line parsing for the `blockfuse` CLI: pure (no I/O), so it is unit-testable. Syntax
- * problems are {@link UsageError}s (exit 2); the meaning of the values (sizes, thread range,
- * growable without writable, paths) is checked by the options layer like for the API (exit 1).
+ * Command-line parsing for the `blockfuse` CLI: pure (no I/O), so it is unit-testable. Everything
+ * wrong with the command line itself (syntax, and values that can be judged without the filesystem:
+ * the thread range, a null size, --growable without --writable, --format against the source) is a
+ * {@link UsageError} (exit 2) worded in CLI terms; what only the filesystem or the kernel can tell
+ * (a missing source, a mountpoint that is not a file, a failed mount) is a runtime error (exit 1).
  *
  * @module
  */
 import { parseArgs } from 'node:util'
 
-import type { AllowOther, CacheMode, ExportFormat, FuseExportOptions, IoUringMode, OnHalt } from './options.js'
+import { BlockfuseError } from './errors.js'
+import {
+  MAX_THREADS,
+  parseSize,
+  type AllowOther,
+  type CacheMode,
+  type ExportFormat,
+  type FuseExportOptions,
+  type IoUringMode,
+  type OnHalt,
+} from './options.js'
 
 /** A command line the CLI cannot make sense of; the CLI prints usage and exits 2. */
 export class UsageError extends Error {
@@ -126,6 +138,8 @@ function parseExport(args: string[]): CliCommand {
     )
   }
   const [sourceText, mountpoint] = positionals as [string, string]
+  if (sourceText === '') throw new UsageError('<source> must not be empty', 'export')
+  if (mountpoint === '') throw new UsageError('<mountpoint> must not be empty', 'export')
   const options: FuseExportOptions = { source: parseSource(sourceText), mountpoint }
   if (values.writable) options.writable = true
   if (values.growable) options.growable = true
@@ -141,12 +155,44 @@ function parseExport(args: string[]): CliCommand {
   const onHalt = oneOf<OnHalt>('on-halt', values['on-halt'], ['unmount', 'keep'])
   if (onHalt) options.onHalt = onHalt
   if (values.threads !== undefined) {
-    if (!/^\d+$/.test(values.threads)) {
-      throw new UsageError(`--threads must be a whole number, got "${values.threads}"`, 'export')
+    const n = Number(values.threads)
+    if (!/^\d+$/.test(values.threads) || n < 1 || n > MAX_THREADS) {
+      throw new UsageError(
+        `--threads must be a whole number from 1 to ${MAX_THREADS}, got "${values.threads}"`,
+        'export',
+      )
     }
-    options.threads = Number(values.threads)
+    options.threads = n
   }
+  checkCombination(options, sourceText)
   return { kind: 'export', options, json: values.json ?? false, stats: values.stats ?? false }
+}
+
+function usage(message: string): UsageError {
+  return new UsageError(message, 'export')
+}
+
+/** The checks the options layer would make, made here so that they speak of flags, not options. */
+function checkCombination(options: FuseExportOptions, sourceText: string): void {
+  if (options.growable && !options.writable) {
+    throw usage('--growable needs --writable (a read-only export cannot grow)')
+  }
+  const { source, format } = options
+  if (typeof source === 'string') {
+    if (format === 'null') {
+      throw usage(`--format null needs a source of the form null:<size> (e.g. null:1G), got the path "${sourceText}"`)
+    }
+    return
+  }
+  if (format !== undefined && format !== 'null') {
+    throw usage(`--format ${format} needs an image path, but "${sourceText}" is a null source; leave --format out`)
+  }
+  try {
+    parseSize(source.null)
+  } catch (err) {
+    if (!(err instanceof BlockfuseError)) throw err
+    throw usage(`${sourceText}: ${err.message}`)
+  }
 }
 
 /** Parses the arguments after `node cli.js` (i.e. `process.argv.slice(2)`). Throws {@link UsageError}. */

@@ -14,6 +14,7 @@ export function statsEvent(stats: ExportStats): Record<string, unknown> {
     bytesRead: stats.bytesRead,
     bytesWritten: stats.bytesWritten,
     errors: stats.errors,
+    unsupported: stats.unsupported,
     inFlight: stats.inFlight,
     served: stats.served,
     lostReplies: stats.lostReplies,
@@ -54,7 +55,8 @@ export function statsLine(stats: ExportStats, previous: ExportStats | undefined,
     `stats: ${requests} req/s${ops}, ` +
     `read ${formatBytes(rate(stats.bytesRead, previous?.bytesRead ?? 0))}/s, ` +
     `written ${formatBytes(rate(stats.bytesWritten, previous?.bytesWritten ?? 0))}/s; ` +
-    `total ${total(stats.requests)} req, ${stats.errors} ${stats.errors === 1 ? 'error' : 'errors'}; ` +
+    `total ${total(stats.requests)} req, ${stats.errors} ${stats.errors === 1 ? 'error' : 'errors'}` +
+    (stats.unsupported > 0 ? `, ${stats.unsupported} unsupported; ` : '; ') +
     `in flight ${stats.inFlight.join(' ')}` +
     (stats.lostReplies > 0 ? `; ${stats.lostReplies} LOST ${stats.lostReplies === 1 ? 'REPLY' : 'REPLIES'}` : '')
   )

@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 /**
- * The `blockfuse` command. Exit codes: 0 after a clean close (SIGINT/SIGTERM), 1 on a validation or
- * runtime error (or when a halt unmounted the export), 2 on a usage error.
+ * The `blockfuse` command. Exit codes: 0 after a clean close (SIGINT/SIGTERM/SIGHUP), 2 on a usage
+ * error (anything wrong with the command line, see cli-args.ts), 1 on a runtime error (what only
+ * the filesystem or the kernel can tell, or when a halt unmounted the export).
  *
  * @module
  */

@@ -62,8 +62,13 @@ export interface ExportStats {
   bytesRead: number
   /** Bytes accepted from WRITE requests. */
   bytesWritten: number
-  /** Requests answered with an error (e.g. `EPERM` for a refused chmod, `ENOSYS` for an unknown op). */
+  /** Requests answered with an error (e.g. `EPERM` for a refused chmod); `ENOSYS` is not one. */
   errors: number
+  /**
+   * Requests answered `ENOSYS`: operations blockfuse does not implement by design, such as `STATX`
+   * (sent by Node's `fs.stat`; the kernel then falls back to `GETATTR`). Not failures.
+   */
+  unsupported: number
   /** Requests being served right now, one entry per queue (`threads` entries). */
   inFlight: number[]
   /** Requests each queue has taken in since the start, one entry per queue: how the load spread. */
@@ -81,6 +86,7 @@ function copyStats(stats: ExportStats): ExportStats {
     bytesRead: stats.bytesRead,
     bytesWritten: stats.bytesWritten,
     errors: stats.errors,
+    unsupported: stats.unsupported,
     inFlight: [...stats.inFlight],
     served: [...stats.served],
     lostReplies: stats.lostReplies,

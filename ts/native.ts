@@ -38,8 +38,10 @@ export interface NativeStats {
   requests: Record<string, number>
   bytesRead: number
   bytesWritten: number
-  /** Requests answered with an error. */
+  /** Requests answered with an error, except `ENOSYS`. */
   errors: number
+  /** Requests answered `ENOSYS` (operations not implemented by design, e.g. `STATX`). */
+  unsupported: number
   /** Requests being served right now, one entry per queue. */
   inFlight: number[]
   /** Requests each queue has taken in since the start, one entry per queue. */

@@ -10,6 +10,8 @@ pub enum Error {
     MountpointNotFound(PathBuf),
     #[error("mountpoint {0} is not a regular file")]
     MountpointNotFile(PathBuf),
+    #[error("mountpoint {0} {1}")]
+    MountpointInUse(PathBuf, &'static str),
     #[error("{0}")]
     FuseDevice(String),
     #[error("{0}")]
@@ -34,6 +36,7 @@ impl Error {
             Error::SourceOpen { .. } => "SOURCE_OPEN_FAILED",
             Error::MountpointNotFound(_) => "MOUNTPOINT_NOT_FOUND",
             Error::MountpointNotFile(_) => "MOUNTPOINT_NOT_FILE",
+            Error::MountpointInUse(..) => "MOUNTPOINT_IN_USE",
             Error::FuseDevice(_) => "FUSE_DEVICE_FAILED",
             Error::Mount(_) => "MOUNT_FAILED",
             Error::Init(_) => "INIT_FAILED",

@@ -161,9 +161,9 @@ fn out_of_range_offsets_get_exact_answers() {
     assert_eq!(q.call(&rw(FUSE_READ, 2, 1 << 62, 100, &[])), reply(0, 2, &[]));
     let tail = &pattern(IMAGE_LEN)[IMAGE_LEN - 3..];
     assert_eq!(q.call(&rw(FUSE_READ, 3, len - 3, 100, &[])), reply(0, 3, tail));
-    // WRITE: offset + size overflows → EINVAL; at EOF → 0 bytes; across EOF → short.
+    // WRITE: offset + size overflows → EINVAL; at EOF → ENOSPC; across EOF → short.
     assert_eq!(q.call(&rw(FUSE_WRITE, 4, u64::MAX, 1, b"x")), error(libc::EINVAL, 4));
-    assert_eq!(q.call(&rw(FUSE_WRITE, 5, len, 1, b"x")), reply(0, 5, &write_out(0)));
+    assert_eq!(q.call(&rw(FUSE_WRITE, 5, len, 1, b"x")), error(libc::ENOSPC, 5));
     assert_eq!(q.call(&rw(FUSE_WRITE, 6, len - 1, 2, b"yz")), reply(0, 6, &write_out(1)));
     // FALLOCATE: offset + length overflows → EINVAL, even for punching.
     let over = words(&[7, u64::MAX - 10, 100, 0x03]);

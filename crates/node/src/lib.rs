@@ -198,8 +198,10 @@ pub struct NativeStats {
     pub requests: std::collections::HashMap<String, f64>,
     pub bytes_read: f64,
     pub bytes_written: f64,
-    /// Requests answered with an error.
+    /// Requests answered with an error, except ENOSYS.
     pub errors: f64,
+    /// Requests answered ENOSYS (operations not implemented by design, e.g. STATX).
+    pub unsupported: f64,
     /// Requests being served right now, one entry per queue.
     pub in_flight: Vec<u32>,
     /// Requests each queue has taken in since the start, one entry per queue.
@@ -283,6 +285,7 @@ impl NativeExport {
             bytes_read: 0.0,
             bytes_written: 0.0,
             errors: 0.0,
+            unsupported: 0.0,
             in_flight: Vec::new(),
             served: Vec::new(),
             lost_replies: 0.0,
@@ -299,6 +302,7 @@ impl NativeExport {
             out.bytes_read = st.bytes_read.load(Relaxed) as f64;
             out.bytes_written = st.bytes_written.load(Relaxed) as f64;
             out.errors = st.errors.load(Relaxed) as f64;
+            out.unsupported = st.unsupported.load(Relaxed) as f64;
             out.lost_replies = st.lost_replies.load(Relaxed) as f64;
             out.in_flight = session.in_flight().into_iter().map(|n| n as u32).collect();
             out.served = session.served().into_iter().map(|n| n as f64).collect();

@@ -57,7 +57,11 @@ pub struct Stats {
     pub requests: [AtomicU64; 64],
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// Requests answered with an errno, except `ENOSYS`.
     pub errors: AtomicU64,
+    /// Requests answered `ENOSYS`: operations blockfuse does not implement by design (the kernel
+    /// then stops asking, e.g. STATX falls back to GETATTR). Not failures, so not in `errors`.
+    pub unsupported: AtomicU64,
     /// Replies that could not be sent (other than for interrupted requests).
     pub lost_replies: AtomicU64,
 }
@@ -69,6 +73,7 @@ impl Default for Stats {
             bytes_read: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            unsupported: AtomicU64::new(0),
             lost_replies: AtomicU64::new(0),
         }
     }
@@ -134,11 +139,18 @@ impl Export {
             Op::Statfs => Outcome::Small(self.statfs(small)),
             Op::Getattr => Outcome::Small(self.getattr(small)),
             Op::Setattr(s) => self.setattr(s, small).await,
-            Op::Open { .. } => Outcome::Small(encode::open_out(
-                small,
-                0,
-                fopen::FOPEN_DIRECT_IO | fopen::FOPEN_PARALLEL_DIRECT_WRITES,
-            )),
+            Op::Open { pid, .. } => {
+                let mut flags = fopen::FOPEN_DIRECT_IO | fopen::FOPEN_PARALLEL_DIRECT_WRITES;
+                // Our own process's files get no FLUSH on close: if the process ends without
+                // close(), its last thread closes them after the queue threads are gone, and a
+                // FLUSH would wait for an answer forever (docs/DESIGN.md, "Ending without
+                // close()"). A FLUSH only syncs the image, which close(2) never promises.
+                // (The one place outside `sys` that asks the OS something: a /proc lookup.)
+                if crate::sys::is_own_thread(pid) {
+                    flags |= fopen::FOPEN_NOFLUSH;
+                }
+                Outcome::Small(encode::open_out(small, 0, flags))
+            }
             Op::Read { offset, size } => self.read(offset, size, data).await,
             Op::Write { offset, size } => self.write(offset, size, data, small).await,
             Op::Flush | Op::Fsync { .. } => match self.backend.flush().await {
@@ -149,8 +161,14 @@ impl Export {
             Op::Lseek { offset, whence } => self.lseek(offset, whence, small).await,
             Op::Unsupported => Outcome::Error(libc::ENOSYS),
         };
-        if let Outcome::Error(_) = outcome {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        match outcome {
+            Outcome::Error(libc::ENOSYS) => {
+                self.stats.unsupported.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Error(_) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
         }
         outcome
     }
@@ -289,8 +307,9 @@ impl Export {
                     }
                 }
             } else if offset >= len {
-                // A zero-length write: the client reports ENOSPC.
-                return Outcome::Small(encode::write_out(small, 0));
+                // Nothing fits. ENOSPC rather than a 0-byte write: callers that retry short
+                // writes (Node's fs) would loop forever on 0; dd reports the same error either way.
+                return Outcome::Error(libc::ENOSPC);
             } else {
                 // Clients expect short writes at EOF.
                 n = len - offset;

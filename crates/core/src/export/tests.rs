@@ -334,7 +334,7 @@ fn statfs() {
 #[test]
 fn open_asks_for_direct_io() {
     let e = export(opts());
-    let r = call(&e, Op::Open { flags: libc::O_RDWR as u32 }, &[]);
+    let r = call(&e, Op::Open { flags: libc::O_RDWR as u32, pid: 0 }, &[]);
     assert_eq!(r.outcome, Outcome::Small(16));
     assert_eq!(r.u32_at(8), fopen::FOPEN_DIRECT_IO | fopen::FOPEN_PARALLEL_DIRECT_WRITES);
 }
@@ -369,12 +369,15 @@ fn stats_count_requests_bytes_and_errors() {
     write(&e, 0, &[1; 30]);
     call(&e, Op::Getattr, &[]);
     call(&e, Op::Lookup, &[]);
+    call(&e, Op::Unsupported, &[]);
+    call(&e, Op::Unsupported, &[]);
     assert_eq!(e.stats.requests[opcode::FUSE_READ as usize].load(Relaxed), 1);
     assert_eq!(e.stats.requests[opcode::FUSE_WRITE as usize].load(Relaxed), 1);
     assert_eq!(e.stats.requests[opcode::FUSE_GETATTR as usize].load(Relaxed), 1);
     assert_eq!(e.stats.bytes_read.load(Relaxed), 100);
     assert_eq!(e.stats.bytes_written.load(Relaxed), 30);
-    assert_eq!(e.stats.errors.load(Relaxed), 1);
+    assert_eq!(e.stats.errors.load(Relaxed), 1, "LOOKUP's error; ENOSYS is counted apart");
+    assert_eq!(e.stats.unsupported.load(Relaxed), 2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -638,11 +641,14 @@ fn write_inside_the_image_lands_in_the_backend() {
 }
 
 #[test]
-fn non_growable_write_at_or_past_eof_writes_nothing() {
+fn non_growable_write_at_or_past_eof_is_enospc() {
     let e = export(writable());
     for offset in [IMAGE_LEN as u64, IMAGE_LEN as u64 + 1, 1 << 40] {
-        assert_eq!(write(&e, offset, &[9; 100]).written(), 0, "offset {offset}");
+        let r = write(&e, offset, &[9; 100]);
+        assert_eq!(r.outcome, Outcome::Error(libc::ENOSPC), "offset {offset}");
     }
+    // Writing nothing still succeeds with 0, at EOF as anywhere (write(2)).
+    assert_eq!(write(&e, IMAGE_LEN as u64, &[]).written(), 0);
     assert_eq!(mem(&e).snapshot(), pattern(IMAGE_LEN));
 }
 

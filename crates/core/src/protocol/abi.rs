@@ -159,6 +159,7 @@ pub mod uring {
 /// `fuse_open_out.open_flags`.
 pub mod fopen {
     pub const FOPEN_DIRECT_IO: u32 = 1 << 0;
+    pub const FOPEN_NOFLUSH: u32 = 1 << 5;
     pub const FOPEN_PARALLEL_DIRECT_WRITES: u32 = 1 << 6;
 }
 

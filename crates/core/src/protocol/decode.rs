@@ -47,6 +47,8 @@ pub enum Op {
     Setattr(SetattrIn),
     Open {
         flags: u32,
+        /// The opening thread (the header's pid: a thread id, in the connection's namespace).
+        pid: u32,
     },
     Release,
     Read {
@@ -250,7 +252,7 @@ fn decode_op(header: InHeader, body: &[u8], trailing: usize) -> Result<Request, 
         }
         FUSE_OPEN => {
             let mut r = need(size::OPEN_IN)?;
-            Op::Open { flags: r.u32() }
+            Op::Open { flags: r.u32(), pid: header.pid }
         }
         FUSE_RELEASE => {
             need(size::RELEASE_IN)?;

@@ -267,7 +267,7 @@ fn setattr_reads_every_field_it_uses_from_the_right_offset() {
 
 #[test]
 fn open_flags() {
-    assert_eq!(open_in(5, 0o100002).decode().unwrap(), Op::Open { flags: 0o100002 });
+    assert!(matches!(open_in(5, 0o100002).decode().unwrap(), Op::Open { flags: 0o100002, .. }));
 }
 
 #[test]

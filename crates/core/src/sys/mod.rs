@@ -59,6 +59,16 @@ pub fn mount(source: &str, target: &Path, fstype: &str, flags: u64, data: &str) 
     .map(drop)
 }
 
+/// `flock(fd, LOCK_EX | LOCK_NB)`: Ok(false) if another open file description holds a lock.
+pub fn try_lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: flock takes no pointers; `fd` is open for the duration of the call.
+    match check(unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// umount2(2).
 pub fn umount2(target: &Path, flags: i32) -> io::Result<()> {
     let target = cstr(target)?;
@@ -287,6 +297,11 @@ pub fn eventfd_drain(fd: BorrowedFd<'_>) {
     let mut count = [0u8; 8];
     // SAFETY: `count` is valid for writes of 8 bytes during the call; the fd is non-blocking.
     let _ = unsafe { libc::read(fd.as_raw_fd(), count.as_mut_ptr().cast(), count.len()) };
+}
+
+/// Whether `tid` is a thread of this process (a FUSE request's pid is the caller's thread id).
+pub fn is_own_thread(tid: u32) -> bool {
+    tid != 0 && Path::new(&format!("/proc/self/task/{tid}")).exists()
 }
 
 /// Restricts the calling thread to CPU `cpu` (sched_setaffinity).

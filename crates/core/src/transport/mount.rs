@@ -60,13 +60,99 @@ pub fn check_mountpoint(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Mounts and returns the session fd. The kernel sends INIT on it next.
-pub fn mount(opts: &MountOptions) -> Result<(OwnedFd, MountMethod)> {
+/// An export's claim on its mountpoint: an exclusive `flock` on the mountpoint file, taken before
+/// mounting and held (by keeping this open) until the export has unmounted. Two exports started
+/// at the same moment, in one process or several, cannot both hold it, so they cannot both mount.
+///
+/// The lock is taken on the file under the mount. An export that opens the path only after
+/// another one mounted on it locks that export's file instead (a local lock: FUSE is not asked),
+/// so the claim also checks mountinfo once it holds the lock: a mount there means "in use".
+pub struct Claim {
+    _file: Option<std::fs::File>,
+}
+
+/// Claims `path` for one export (see [`Claim`]), or fails with `MOUNTPOINT_IN_USE`.
+pub fn claim(path: &Path) -> Result<Claim> {
+    let open = |read: bool| OpenOptions::new().read(read).write(!read).open(path);
+    // Any access mode can be locked; a file we may not read (mode 0200) may still be writable.
+    let file = match open(true).or_else(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => open(false),
+        _ => Err(e),
+    }) {
+        Ok(file) => Some(file),
+        // Neither readable nor writable for us: mounting on it needs neither (root), and
+        // fusermount3 decides for an ordinary user. Only the mountinfo check below protects it.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            log::warn!("cannot open mountpoint {} to lock it: {e}", path.display());
+            None
+        }
+        Err(e) => {
+            return Err(Error::Mount(format!("cannot open mountpoint {}: {e}", path.display())))
+        }
+    };
+    if let Some(f) = &file {
+        let locked = sys::try_lock_exclusive(f.as_fd())
+            .map_err(|e| Error::Mount(format!("cannot lock mountpoint {}: {e}", path.display())))?;
+        if !locked {
+            return Err(Error::MountpointInUse(
+                path.to_path_buf(),
+                "is being exported by another export (it holds the mountpoint's lock)",
+            ));
+        }
+    }
+    let canonical = canonical_parent(path).unwrap_or_else(|_| path.to_path_buf());
+    if is_mounted(&canonical) {
+        return Err(Error::MountpointInUse(
+            path.to_path_buf(),
+            "already has a filesystem mounted on it: another export, or a stale one",
+        ));
+    }
+    Ok(Claim { _file: file })
+}
+
+/// Claims the mountpoint, mounts and returns the session fd and the claim, which must be kept
+/// until the export has unmounted. The kernel sends INIT on the fd next.
+pub fn mount(opts: &MountOptions) -> Result<(OwnedFd, MountMethod, Claim)> {
     check_mountpoint(&opts.mountpoint)?;
+    let claim = claim(&opts.mountpoint)?;
     if sys::effective_ids().0 == 0 {
-        mount_syscall(opts).map(|fd| (fd, MountMethod::Syscall))
+        mount_syscall(opts).map(|fd| (fd, MountMethod::Syscall, claim))
     } else {
-        mount_fusermount(opts).map(|fd| (fd, MountMethod::Fusermount))
+        mount_fusermount(opts).map(|fd| (fd, MountMethod::Fusermount, claim))
+    }
+}
+
+/// The MAJ:MIN of the topmost mount on `mountpoint` (right after mounting: ours), so that the
+/// export can later tell its own mount from one stacked on top of it.
+pub fn top_device(mountpoint: &Path) -> Option<String> {
+    let path = canonical_parent(mountpoint).ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    top_mount(&info, &path).map(|(_, dev)| dev.to_string())
+}
+
+/// Unmounts our mount (device `own`, from [`top_device`]) if it is the topmost one on the
+/// mountpoint. Unmounting by path removes the topmost mount, so if another mount was stacked on
+/// top of ours it is left alone (ours then stays under it, dead once our connection ends, until
+/// whoever mounted on top unmounts theirs); if ours is gone already (unmounted from outside),
+/// there is nothing to do. Without a known device, unmounts whatever is on top (as before).
+pub fn unmount_own(mountpoint: &Path, method: MountMethod, own: Option<&str>) -> Result<()> {
+    let path = canonical_parent(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return unmount(mountpoint, method);
+    };
+    match (top_mount(&info, &path), own) {
+        (None, _) => Ok(()),
+        (Some((_, top)), Some(own)) if top != own => {
+            if mount_devices(&info, &path).any(|dev| dev == own) {
+                log::warn!(
+                    "another filesystem ({top}) is mounted on top of this export at {}; \
+                     leaving it mounted",
+                    mountpoint.display()
+                );
+            }
+            Ok(())
+        }
+        _ => unmount(mountpoint, method),
     }
 }
 
@@ -281,6 +367,18 @@ fn top_mount<'a>(info: &'a str, path: &Path) -> Option<(&'a str, &'a str)> {
         .find(|(point, _)| unescape_mountinfo(point) == want)
 }
 
+/// The MAJ:MIN of every mount on `path`, bottom first.
+fn mount_devices<'a>(info: &'a str, path: &'a Path) -> impl Iterator<Item = &'a str> + 'a {
+    use std::os::unix::ffi::OsStrExt;
+    let want = path.as_os_str().as_bytes();
+    info.lines().filter_map(move |line| {
+        let mut fields = line.split(' ');
+        let dev = fields.nth(2)?;
+        let point = fields.nth(1)?;
+        (unescape_mountinfo(point) == want).then_some(dev)
+    })
+}
+
 /// Whether some mount sits exactly on `path` in this mount namespace (/proc/self/mountinfo).
 pub fn is_mounted(path: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
@@ -340,6 +438,8 @@ mod tests {
         assert_eq!(top_mount(info, Path::new("/mnt/a b")), Some(("/mnt/a\\040b", "0:61")));
         assert_eq!(top_mount(info, Path::new("/other")), Some(("/other", "8:1")));
         assert_eq!(top_mount(info, Path::new("/mnt/a")), None);
+        let all: Vec<_> = mount_devices(info, Path::new("/mnt/a b")).collect();
+        assert_eq!(all, ["0:50", "0:61"]);
     }
 
     #[test]

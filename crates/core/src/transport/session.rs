@@ -58,6 +58,10 @@ pub struct Session {
     mount: Option<(PathBuf, MountMethod)>,
     /// Removes the mount if this process dies without unmounting it.
     guard: Option<UnmountGuard>,
+    /// Our mount's MAJ:MIN, to tell it from a mount stacked on top of it.
+    mount_dev: Option<String>,
+    /// The lock on the mountpoint, held until we have unmounted.
+    claim: Option<mount::Claim>,
     /// Whether queues sleep in a blocking read(2) while idle: close() then wakes them with
     /// [`sys::wake_signal`].
     idle_reads: bool,
@@ -100,14 +104,16 @@ impl Session {
             allow_other: cfg.allow_other,
             max_read: export.options().max_read,
         };
-        let (fd, method) = mount::mount(&opts)?;
+        let (fd, method, claim) = mount::mount(&opts)?;
+        // Read before INIT is answered: nothing can be stacked on an unanswered mount yet.
+        let mount_dev = mount::top_device(&cfg.mountpoint);
         // Started before INIT, so that a crash at any point after the mount is covered. If it
         // fails (no /bin/sh?), the export still works; only a crash would leave the mount.
         let guard = UnmountGuard::spawn(&cfg.mountpoint, method)
             .map_err(|e| log::warn!("{e}; a crash of this process would leave the mount behind"))
             .ok();
         let unmount_on_error = |e: Error| {
-            let _ = mount::unmount(&cfg.mountpoint, method);
+            let _ = mount::unmount_own(&cfg.mountpoint, method, mount_dev.as_deref());
             e
         };
         let page = sys::page_size() as u32;
@@ -129,6 +135,8 @@ impl Session {
             let mut session =
                 Self::run_rings(export, fds, (cfg.mountpoint, method), negotiated, on_event)?;
             session.guard = guard;
+            session.mount_dev = mount_dev;
+            session.claim = Some(claim);
             return Ok(session);
         }
         // Every queue may sleep in a blocking read while idle, if close() can wake it.
@@ -145,6 +153,8 @@ impl Session {
         let mut session =
             Self::run(export, fds, idle, Some((cfg.mountpoint, method)), negotiated, on_event)?;
         session.guard = guard;
+        session.mount_dev = mount_dev;
+        session.claim = Some(claim);
         session.io_uring_fallback = io_uring_fallback;
         Ok(session)
     }
@@ -183,6 +193,8 @@ impl Session {
             threads: Vec::with_capacity(queues),
             mount,
             guard: None,
+            mount_dev: None,
+            claim: None,
             idle_reads: false,
             negotiated,
             io_uring_fallback: None,
@@ -300,9 +312,11 @@ impl Session {
         // Unmount first, while the queues still answer: the mountpoint is uncovered at once.
         self.shared.begin_close();
         let unmounted = match self.mount.take() {
-            // Unmounted from outside already (umount, fusermount3 -u): nothing left to do.
-            Some((mountpoint, _)) if !mount::is_mounted(&mountpoint) => Ok(()),
-            Some((mountpoint, method)) => mount::unmount(&mountpoint, method),
+            // Only our own mount: not one stacked on top, and nothing if it was unmounted from
+            // outside already (umount, fusermount3 -u).
+            Some((mountpoint, method)) => {
+                mount::unmount_own(&mountpoint, method, self.mount_dev.as_deref())
+            }
             None => Ok(()),
         };
         if unmounted.is_ok() {
@@ -323,6 +337,8 @@ impl Session {
         // If our unmount failed, the guard removes the (now served by nobody) mount.
         drop(self.guard.take());
         let flushed = flush_now(self.shared.export.backend());
+        // Unmounted (or left to whoever covers it): another export may claim the mountpoint now.
+        drop(self.claim.take());
         unmounted?;
         if let Some(f) = failure {
             return Err(Error::Internal(f));

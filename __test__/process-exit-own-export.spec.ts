@@ -1,0 +1,136 @@
+/**
+ * Issue 22: a process that has its own export's file open exits promptly however it ends:
+ * process.exit, an uncaught exception, an unhandled rejection, SIGINT, SIGTERM, SIGHUP (no
+ * handlers: the kernel's default action) and SIGKILL; read(2) and io_uring intakes; as root and
+ * as an ordinary user (fusermount3). Within 2 s the process is reaped (no zombie) and the mount
+ * is gone. docs/DESIGN.md ("Ending without close()") has the mechanism: the process's own opens
+ * get FOPEN_NOFLUSH, so closing them at exit waits for nobody.
+ *
+ * Covered: the fd open and idle when the process ends. Not covered (not solved yet, see
+ * docs/DESIGN.md): a thread of the process in the middle of a read or write on its own export at
+ * that moment; such a process cannot always be cleaned up by a test.
+ */
+import { spawn } from 'node:child_process'
+import { fileURLToPath } from 'node:url'
+import { chmod, open } from 'node:fs/promises'
+import { setTimeout as sleep } from 'node:timers/promises'
+
+import test, { type ExecutionContext } from 'ava'
+
+import { FuseExport } from '../ts/index.js'
+import { assertCliBuilt } from './helpers/cli.js'
+import { assertE2eEnvironment } from './helpers/env.js'
+import { imageFixture } from './helpers/exports.js'
+import { MiB } from './helpers/files.js'
+import { forceUnmountAll, mountsOn } from './helpers/mounts.js'
+import { ensureDevFuseOpenToAll, giveTo, testUser, type User } from './helpers/reliability.js'
+import { mustRun } from './helpers/run.js'
+
+const INDEX = fileURLToPath(new URL('../dist/index.js', import.meta.url))
+const SCRIPT = fileURLToPath(new URL('fixtures/exit-own-export.mjs', import.meta.url))
+
+let user: User
+
+test.before(async () => {
+  assertCliBuilt()
+  assertE2eEnvironment(['fusermount3', 'findmnt', 'umount', 'useradd'])
+  await ensureDevFuseOpenToAll()
+  user = await testUser()
+})
+
+type How = 'exit' | 'throw' | 'reject' | 'SIGINT' | 'SIGTERM' | 'SIGHUP' | 'SIGKILL'
+type State = 'idle' | 'read' | 'write'
+const HOWS: How[] = ['exit', 'throw', 'reject', 'SIGINT', 'SIGTERM', 'SIGHUP', 'SIGKILL']
+
+/** The script ends itself this long after printing `ready` (see the fixture). */
+const ACTION_DELAY_MS = 150
+const BOUND_MS = 2000
+
+async function exitsPromptly(t: ExecutionContext, ioUring: 'on' | 'off', how: How, state: State, asUser: boolean) {
+  const f = await imageFixture(t, 2 * MiB)
+  if (asUser) {
+    await giveTo(user, f.dir, f.image, f.mountpoint)
+    await chmod(f.dir, 0o755)
+  }
+  const child = spawn(process.execPath, [SCRIPT, INDEX, f.image, f.mountpoint, ioUring, how, state], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    ...(asUser ? { uid: user.uid, gid: user.gid } : {}),
+  })
+  let out = ''
+  let err = ''
+  child.stdout.setEncoding('utf8').on('data', (d: string) => (out += d))
+  child.stderr.setEncoding('utf8').on('data', (d: string) => (err += d))
+  let reaped = false
+  const exited = new Promise<void>((resolve) =>
+    child.on('exit', () => {
+      reaped = true
+      resolve()
+    }),
+  )
+  const conn: { dev?: string } = {}
+  t.teardown(async () => {
+    // Whatever happened: end the connection (nothing may wait on it), unmount, kill.
+    if (!reaped && conn.dev !== undefined) {
+      await import('node:fs/promises').then((fs) =>
+        fs.writeFile(`/sys/fs/fuse/connections/${conn.dev!.split(':')[1]}/abort`, '1').catch(() => undefined),
+      )
+    }
+    await forceUnmountAll(f.mountpoint)
+    if (!reaped) {
+      child.kill('SIGKILL')
+      // A process the kernel cannot finish off must not keep this test worker alive as well.
+      child.stdout.destroy()
+      child.stderr.destroy()
+      child.unref()
+    }
+  })
+
+  const startDeadline = Date.now() + 30_000
+  while (!/^ready \d+$/m.test(out)) {
+    if (reaped || Date.now() > startDeadline) throw new Error(`the script did not get ready: ${out} ${err}`)
+    await sleep(10)
+  }
+  const readyAt = Date.now()
+  conn.dev = (await mountsOn(f.mountpoint))[0]?.dev
+  t.truthy(conn.dev, 'the export is mounted')
+
+  // The issue's bound, measured from the moment the script ends itself; polled generously.
+  const deadline = readyAt + ACTION_DELAY_MS + BOUND_MS
+  await Promise.race([exited, sleep(Math.max(0, deadline - Date.now()) + 500)])
+  t.true(reaped, `the process was reaped within ${BOUND_MS} ms of ending (not a zombie); output: ${out} ${err}`)
+  let mounts = await mountsOn(f.mountpoint)
+  while (mounts.length > 0 && Date.now() < deadline + 500) {
+    await sleep(20)
+    mounts = await mountsOn(f.mountpoint)
+  }
+  t.deepEqual(mounts, [], 'the mount is gone')
+  t.log(`reaped ${reaped ? 'yes' : 'NO'}, ${Date.now() - readyAt - ACTION_DELAY_MS} ms after the end began`)
+}
+
+for (const how of HOWS) {
+  for (const ioUring of ['off', 'on'] as const) {
+    const intake = ioUring === 'on' ? 'io_uring' : 'read(2)'
+    test.serial(`${intake} intake, root: ${how} with its own export's file open`, (t) =>
+      exitsPromptly(t, ioUring, how, 'idle', false),
+    )
+    test.serial(`${intake} intake, an ordinary user (fusermount3): ${how} with its own export's file open`, (t) =>
+      exitsPromptly(t, ioUring, how, 'idle', true),
+    )
+  }
+}
+
+test("closing a file the exporting process opened sends no FLUSH; another process's close does", async (t) => {
+  const f = await imageFixture(t, MiB)
+  t.teardown(() => forceUnmountAll(f.mountpoint))
+  const exp = await FuseExport.create({ source: f.image, mountpoint: f.mountpoint, writable: true })
+  try {
+    const fh = await open(f.mountpoint, 'r+')
+    await fh.read(Buffer.alloc(4096), 0, 4096, 0)
+    await fh.close()
+    t.is(exp.stats().requests.FLUSH ?? 0, 0, 'our own close: FOPEN_NOFLUSH')
+    await mustRun('dd', [`if=${f.mountpoint}`, 'of=/dev/null', 'bs=4k', 'count=1', 'status=none'])
+    t.true((exp.stats().requests.FLUSH ?? 0) >= 1, "dd's close still flushes")
+  } finally {
+    await exp.close()
+  }
+})
