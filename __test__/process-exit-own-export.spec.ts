@@ -11,6 +11,7 @@
  * that moment; such a process cannot always be cleaned up by a test.
  */
 import { spawn } from 'node:child_process'
+import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { chmod, open } from 'node:fs/promises'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -18,12 +19,12 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import test, { type ExecutionContext } from 'ava'
 
 import { FuseExport } from '../ts/index.js'
-import { assertCliBuilt } from './helpers/cli.js'
+import { assertCliBuilt, packageCopyForOtherUsers } from './helpers/cli.js'
 import { assertE2eEnvironment } from './helpers/env.js'
 import { imageFixture } from './helpers/exports.js'
 import { MiB } from './helpers/files.js'
 import { forceUnmountAll, mountsOn } from './helpers/mounts.js'
-import { ensureDevFuseOpenToAll, giveTo, testUser, type User } from './helpers/reliability.js'
+import { assertDevFuseOpenToAll, giveTo, testUser, type User } from './helpers/reliability.js'
 import { mustRun } from './helpers/run.js'
 
 const INDEX = fileURLToPath(new URL('../dist/index.js', import.meta.url))
@@ -34,7 +35,7 @@ let user: User
 test.before(async () => {
   assertCliBuilt()
   assertE2eEnvironment(['fusermount3', 'findmnt', 'umount', 'useradd'])
-  await ensureDevFuseOpenToAll()
+  await assertDevFuseOpenToAll()
   user = await testUser()
 })
 
@@ -52,7 +53,11 @@ async function exitsPromptly(t: ExecutionContext, ioUring: 'on' | 'off', how: Ho
     await giveTo(user, f.dir, f.image, f.mountpoint)
     await chmod(f.dir, 0o755)
   }
-  const child = spawn(process.execPath, [SCRIPT, INDEX, f.image, f.mountpoint, ioUring, how, state], {
+  // Another user runs the copy it can read: the clone may be in a folder only root can enter.
+  const copy = asUser ? packageCopyForOtherUsers() : undefined
+  const script = copy ? join(copy, '__test__', 'fixtures', 'exit-own-export.mjs') : SCRIPT
+  const index = copy ? join(copy, 'dist', 'index.js') : INDEX
+  const child = spawn(process.execPath, [script, index, f.image, f.mountpoint, ioUring, how, state], {
     stdio: ['ignore', 'pipe', 'pipe'],
     ...(asUser ? { uid: user.uid, gid: user.gid } : {}),
   })

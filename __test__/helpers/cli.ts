@@ -16,20 +16,27 @@ export const CLI = `${ROOT}dist/cli.js`
 let copyForOtherUsers: string | undefined
 
 /**
- * The CLI as another user runs it: a copy of what the package ships (package.json, dist/, native/)
- * in a world-readable temporary folder, made once per test process and removed at its exit. The
- * clone itself may sit in a folder only its owner can enter (under /root, or a `mktemp -d`).
+ * What another user runs: a copy of what the package ships (package.json, dist/, native/) and of
+ * the specs' fixture scripts (__test__/fixtures/) in a world-readable temporary folder, made once
+ * per test process and removed at its exit. The clone itself may sit in a folder only its owner can
+ * enter (under /root, or a `mktemp -d`). Returns the copy's root folder.
  */
-export function cliForOtherUsers(): string {
+export function packageCopyForOtherUsers(): string {
   if (copyForOtherUsers === undefined) {
-    const dir = mkdtempSync(join(tmpdir(), 'blockfuse-cli-copy-'))
+    const dir = mkdtempSync(join(tmpdir(), 'blockfuse-copy-'))
     chmodSync(dir, 0o755)
-    for (const part of ['package.json', 'dist', 'native'])
+    for (const part of ['package.json', 'dist', 'native', '__test__/fixtures']) {
       cpSync(`${ROOT}${part}`, join(dir, part), { recursive: true })
+    }
     process.on('exit', () => rmSync(dir, { recursive: true, force: true }))
-    copyForOtherUsers = join(dir, 'dist', 'cli.js')
+    copyForOtherUsers = dir
   }
   return copyForOtherUsers
+}
+
+/** The CLI as another user runs it, from packageCopyForOtherUsers(). */
+export function cliForOtherUsers(): string {
+  return join(packageCopyForOtherUsers(), 'dist', 'cli.js')
 }
 
 /** Throws unless dist/ holds a build of every ts/*.ts that is at least as new as its source. */
