@@ -322,7 +322,12 @@ impl Session {
         }
         // If our unmount failed, the guard removes the (now served by nobody) mount.
         drop(self.guard.take());
-        let flushed = flush_now(self.shared.export.backend());
+        // Read-only exports wrote nothing, so they never flush or sync the image.
+        let flushed = if self.shared.export.writable() {
+            flush_now(self.shared.export.backend())
+        } else {
+            Ok(())
+        };
         unmounted?;
         if let Some(f) = failure {
             return Err(Error::Internal(f));
