@@ -354,7 +354,11 @@ impl Export {
         }
         let end = offset.checked_add(length).ok_or(libc::EINVAL)?;
         let io = |e: std::io::Error| errno_of(&e);
-        if mode & falloc::FALLOC_FL_KEEP_SIZE == 0 && end > MAX_IMAGE_SIZE {
+        // Growing past the largest exact size is refused; ranges inside the image are not.
+        if mode & falloc::FALLOC_FL_KEEP_SIZE == 0
+            && end > MAX_IMAGE_SIZE
+            && end > self.backend.len()
+        {
             return Err(libc::EFBIG);
         }
         let keep_size = mode & falloc::FALLOC_FL_KEEP_SIZE != 0;
