@@ -66,6 +66,10 @@ test('every export option maps to the API option', (t) => {
   t.like(parseCliArgs(['export', '--threads=2', '--allow-other=auto', 'a', 'b']), {
     options: { threads: 2, allowOther: 'auto' },
   })
+  t.like(parseCliArgs(['export', '--locking', 'off', '--force-share', 'a', 'b']), {
+    options: { locking: 'off', forceShare: true },
+  })
+  t.throws(() => parseCliArgs(['export', '--locking', 'maybe', 'a', 'b']), { message: /--locking must be one of/ })
 })
 
 test('--stats is a flag of its own, with or without --json, in any position', (t) => {

@@ -113,6 +113,8 @@ test('a native export reports stats of the declared shape; a fake device has a p
       cache: 'writeback',
       writethrough: false,
       ioUring: 'off',
+      locking: 'auto',
+      forceShare: false,
     },
     () => {},
   )

@@ -30,6 +30,8 @@ test('defaults are applied and paths made absolute', (t) => {
     cache: 'writeback',
     writethrough: false,
     ioUring: 'auto',
+    locking: 'auto',
+    forceShare: false,
     onHalt: 'unmount',
   })
   const nul = normalizeOptions({ source: { null: '1G' }, mountpoint: '/mnt' })
@@ -48,6 +50,7 @@ test('explicit options are kept', (t) => {
     cache: 'none',
     writethrough: true,
     ioUring: 'off',
+    locking: 'on',
     onHalt: 'keep',
     // undefined means "not given"
     source: '/img.raw',
@@ -60,8 +63,10 @@ test('explicit options are kept', (t) => {
     cache: 'none',
     writethrough: true,
     ioUring: 'off',
+    locking: 'on',
     onHalt: 'keep',
   })
+  t.is(normalizeOptions({ ...base, forceShare: true }).forceShare, true)
   t.is(normalizeOptions({ ...base, writable: undefined }).writable, false)
 })
 
@@ -69,6 +74,8 @@ const invalidOptions: Array<[string, unknown, RegExp]> = [
   ['options that are not an object', 'img.raw', /options must be an object/],
   ['null options', null, /options must be an object/],
   ['an unknown option', { ...base, readonly: true }, /unknown option "readonly"/],
+  ['an unknown locking mode', { ...base, locking: 'yes' }, /"locking"/],
+  ['forceShare on a writable export', { ...base, writable: true, forceShare: true }, /"forceShare" is for read-only/],
   ['a missing source', { mountpoint: '/mnt' }, /"source" is required/],
   ['an empty source', { ...base, source: '' }, /"source" must not be an empty path/],
   ['a numeric source', { ...base, source: 42 }, /"source" must be a path or \{ null: <size> \}, got 42/],

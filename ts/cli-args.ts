@@ -18,6 +18,7 @@ import {
   type ExportFormat,
   type FuseExportOptions,
   type IoUringMode,
+  type LockingMode,
   type OnHalt,
 } from './options.js'
 
@@ -82,6 +83,10 @@ Options:
                                  (read(2) on /dev/fuse), auto: io_uring when the
                                  kernel offers it and --threads is 2 or more, else
                                  read(2) (default: auto)
+  --locking auto|on|off          QEMU-compatible image locks (default: auto: lock, or
+                                 warn and go on where the file system cannot)
+  --force-share                  read-only: let others write the image meanwhile
+                                 (qemu-img -U)
   --on-halt unmount|keep         on a fatal protocol error: unmount (default) or keep
   --json                         print one JSON object per line instead of text
   --stats                        report counters once a second while running: with
@@ -102,6 +107,8 @@ const EXPORT_OPTIONS = {
   writethrough: { type: 'boolean' },
   'io-uring': { type: 'string' },
   'on-halt': { type: 'string' },
+  locking: { type: 'string' },
+  'force-share': { type: 'boolean' },
   json: { type: 'boolean' },
   stats: { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },
@@ -152,6 +159,9 @@ function parseExport(args: string[]): CliCommand {
   if (cache) options.cache = cache
   const ioUring = oneOf<IoUringMode>('io-uring', values['io-uring'], ['auto', 'on', 'off'])
   if (ioUring) options.ioUring = ioUring
+  const locking = oneOf<LockingMode>('locking', values.locking, ['auto', 'on', 'off'])
+  if (locking) options.locking = locking
+  if (values['force-share']) options.forceShare = true
   const onHalt = oneOf<OnHalt>('on-halt', values['on-halt'], ['unmount', 'keep'])
   if (onHalt) options.onHalt = onHalt
   if (values.threads !== undefined) {

@@ -29,6 +29,10 @@ export type NativeErrorCode =
   | 'INVALID_CONFIG'
   | 'CLOSE_FAILED'
   | 'IO_URING_UNAVAILABLE'
+  | 'IMAGE_LOCKED'
+  | 'IMAGE_TOO_LARGE'
+  | 'IMAGE_DIRTY'
+  | 'IMAGE_CORRUPT'
   | 'INTERNAL'
 
 /**

@@ -32,6 +32,7 @@ export type {
   ExportFormat,
   FuseExportOptions,
   IoUringMode,
+  LockingMode,
   NullSource,
   OnHalt,
   ResolvedFuseExportOptions,
@@ -190,6 +191,8 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
         cache: resolved.cache,
         writethrough: resolved.writethrough,
         ioUring: resolved.ioUring,
+        locking: resolved.locking,
+        forceShare: resolved.forceShare,
       }
       let allowOther = resolved.allowOther !== 'off'
       let fallback: string | undefined

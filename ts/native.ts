@@ -24,6 +24,9 @@ export interface NativeExportConfig {
   writethrough: boolean
   /** 'auto' | 'on' | 'off' */
   ioUring: string
+  /** 'auto' | 'on' | 'off' */
+  locking: string
+  forceShare: boolean
 }
 
 /** An asynchronous notification from the native core (today only `halt`). */

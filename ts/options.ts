@@ -29,6 +29,8 @@ export type AllowOther = 'on' | 'off' | 'auto'
 export type CacheMode = 'writeback' | 'none'
 /** How requests reach the export: FUSE-over-io_uring, `read(2)` on /dev/fuse, or the first that works. */
 export type IoUringMode = 'auto' | 'on' | 'off'
+/** QEMU-compatible image locking (QEMU's `locking=`): take the locks, fall back with a warning where the file system has none, or take none. */
+export type LockingMode = 'auto' | 'on' | 'off'
 /** What to do when the native core halts the export. */
 export type OnHalt = 'unmount' | 'keep'
 
@@ -82,6 +84,21 @@ export interface FuseExportOptions {
    */
   ioUring?: IoUringMode
   /**
+   * Image locks that QEMU understands: the OFD byte-range locks of QEMU's `file-posix` driver, on
+   * the image and on every backing file. A writable export holds write and resize and shares
+   * neither; a read-only export holds consistent-read and does not let others write or resize
+   * (like `qemu-img`) unless {@link FuseExportOptions.forceShare}. A conflicting holder (another
+   * export, a running QEMU, `qemu-io`) makes `create()` fail with `IMAGE_LOCKED`. `'on'` fails with
+   * `SOURCE_OPEN_FAILED` where the file system cannot lock; `'auto'` then serves unlocked with a
+   * warning; `'off'` takes and checks no locks. Default: `'auto'`.
+   */
+  locking?: LockingMode
+  /**
+   * Read-only exports only: let others write and resize the image meanwhile (`qemu-img -U`, what
+   * QEMU calls force-share); the export may then read data that changes under it. Default: `false`.
+   */
+  forceShare?: boolean
+  /**
    * On a native halt (the kernel stream can no longer be trusted): `'unmount'` emits `halt` and
    * then closes the export, so clients get errors instead of hanging; `'keep'` only emits `halt`.
    * Default: `'unmount'`.
@@ -101,6 +118,8 @@ export interface ResolvedFuseExportOptions {
   readonly cache: CacheMode
   readonly writethrough: boolean
   readonly ioUring: IoUringMode
+  readonly locking: LockingMode
+  readonly forceShare: boolean
   readonly onHalt: OnHalt
 }
 
@@ -118,6 +137,8 @@ const KNOWN_OPTIONS = [
   'cache',
   'writethrough',
   'ioUring',
+  'locking',
+  'forceShare',
   'onHalt',
 ] as const
 
@@ -258,6 +279,11 @@ export function normalizeOptions(input: unknown): ResolvedFuseExportOptions {
     throw invalid('option "growable" needs "writable: true" (a read-only export cannot grow)')
   }
 
+  const forceShare = optionalBoolean(options, 'forceShare')
+  if (forceShare && writable) {
+    throw invalid('option "forceShare" is for read-only exports (a writer never shares write)')
+  }
+
   let threads = 1
   if (options.threads !== undefined) {
     const value = options.threads
@@ -278,6 +304,8 @@ export function normalizeOptions(input: unknown): ResolvedFuseExportOptions {
     cache: optionalEnum<CacheMode>(options, 'cache', ['writeback', 'none'], 'writeback'),
     writethrough: optionalBoolean(options, 'writethrough'),
     ioUring: optionalEnum<IoUringMode>(options, 'ioUring', ['auto', 'on', 'off'], 'auto'),
+    locking: optionalEnum<LockingMode>(options, 'locking', ['auto', 'on', 'off'], 'auto'),
+    forceShare,
     onHalt: optionalEnum<OnHalt>(options, 'onHalt', ['unmount', 'keep'], 'unmount'),
   }
 }

@@ -48,8 +48,7 @@ export async function compare(
   image: string,
   format: 'qcow2' | 'raw' = 'qcow2',
 ): Promise<{ code: number | null; out: string }> {
-  // -U: the image may be exported at the same time (blockfuse takes no QEMU image locks, but a
-  // QEMU process may).
+  // -U: the image may be exported at the same time (blockfuse holds QEMU's image locks on it).
   const r = await client('qemu-img', ['compare', '-U', '-f', 'raw', '-F', format, rawPath, image])
   return { code: r.code, out: (r.stdout + r.stderr).trim() }
 }

@@ -307,7 +307,7 @@ fn open_backend(args: &Args) -> Result<Backend, String> {
         let len = parse_size(size).ok_or_else(|| format!("bad null size {size:?}"))?;
         return Ok(Backend::Null(NullBackend::new(len)));
     }
-    let opts = RawOptions { writable: args.writable, cache: args.cache };
+    let opts = RawOptions { writable: args.writable, cache: args.cache, ..Default::default() };
     RawBackend::open(args.source.as_ref(), opts)
         .map(Backend::Raw)
         .map_err(|e| format!("failed to open {}: {e}", args.source))

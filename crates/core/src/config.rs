@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use crate::backend::probe::{self, Probed};
 use crate::backend::{
-    Backend, CacheMode, FaultBackend, FaultSpec, NullBackend, ProbedRaw, Qcow2Backend,
-    Qcow2Options, RawBackend, RawOptions,
+    refusal_of, Backend, BlockBackend, CacheMode, FaultBackend, FaultSpec, LockMode, NullBackend,
+    ProbedRaw, Qcow2Backend, Qcow2Options, RawBackend, RawOptions, MAX_IMAGE_SIZE,
 };
 use crate::error::{Error, Result};
 use crate::export::{Export, ExportOptions};
@@ -38,6 +38,10 @@ pub struct ExportConfig {
     pub cache: CacheMode,
     pub writethrough: bool,
     pub io_uring: IoUringMode,
+    /// QEMU-compatible image locks on the image and its backing files.
+    pub locking: LockMode,
+    /// Read-only: share write and resize with others (`qemu-img -U`).
+    pub force_share: bool,
 }
 
 /// Most queues one export may have; each costs a thread and its buffers.
@@ -105,11 +109,19 @@ fn open_export(cfg: &ExportConfig, faults: Option<FaultSpec>) -> Result<Export> 
             cfg.threads
         )));
     }
-    let raw_opts = RawOptions { writable: cfg.writable, cache: cfg.cache };
-    let qcow2_opts = Qcow2Options { writable: cfg.writable, cache: cfg.cache };
+    if cfg.force_share && cfg.writable {
+        return Err(Error::InvalidConfig("forceShare is for read-only exports".into()));
+    }
+    let (locking, force_share) = (cfg.locking, cfg.force_share);
+    let raw_opts = RawOptions { writable: cfg.writable, cache: cfg.cache, locking, force_share };
+    let qcow2_opts =
+        Qcow2Options { writable: cfg.writable, cache: cfg.cache, locking, force_share };
     let open_err = |path: &PathBuf| {
         let path = path.clone();
-        move |source| Error::SourceOpen { path, source }
+        move |source: std::io::Error| match refusal_of(&source) {
+            Some(r) => Error::Refused { code: r.code, message: r.message.clone() },
+            None => Error::SourceOpen { path, source },
+        }
     };
     let backend = match &cfg.source {
         Source::Raw(path) => {
@@ -136,6 +148,20 @@ fn open_export(cfg: &ExportConfig, faults: Option<FaultSpec>) -> Result<Export> 
         Source::Null(0) => return Err(Error::InvalidConfig("a null backend needs a size".into())),
         Source::Null(len) => Backend::Null(NullBackend::new(*len)),
     };
+    if backend.len() > MAX_IMAGE_SIZE {
+        let what = match &cfg.source {
+            Source::Raw(p) | Source::Qcow2(p) | Source::Auto(p) => p.display().to_string(),
+            Source::Null(_) => "the null image".into(),
+        };
+        return Err(Error::Refused {
+            code: "IMAGE_TOO_LARGE",
+            message: format!(
+                "{what}: size {} bytes is larger than 2^53-1 ({MAX_IMAGE_SIZE}), the largest \
+                 size blockfuse serves exactly",
+                backend.len()
+            ),
+        });
+    }
     let backend = match faults {
         Some(spec) => Backend::Fault(FaultBackend::new(backend, spec).map_err(|e| {
             Error::Internal(format!("cannot start the fault injector's timer thread: {e}"))

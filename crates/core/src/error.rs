@@ -27,6 +27,10 @@ pub enum Error {
     IoUring(String),
     #[error("{0}")]
     Internal(String),
+    /// The image cannot be served as asked, for a reason with its own code (`IMAGE_LOCKED`,
+    /// `IMAGE_TOO_LARGE`, `IMAGE_DIRTY`, `IMAGE_CORRUPT`); the message names the image.
+    #[error("{message}")]
+    Refused { code: &'static str, message: String },
 }
 
 impl Error {
@@ -44,6 +48,7 @@ impl Error {
             Error::Unmount(_) => "CLOSE_FAILED",
             Error::IoUring(_) => "IO_URING_UNAVAILABLE",
             Error::Internal(_) => "INTERNAL",
+            Error::Refused { code, .. } => code,
         }
     }
 }

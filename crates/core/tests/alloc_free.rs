@@ -58,9 +58,11 @@ fn rw_body(offset: u64, size: u32, payload: Option<&[u8]>) -> Vec<u8> {
 fn steady_state_requests_do_not_allocate() {
     let path = std::env::temp_dir().join(format!("blockfuse-alloc-{}.raw", std::process::id()));
     std::fs::write(&path, vec![7u8; 4 << 20]).unwrap();
-    let backend =
-        RawBackend::open(&path, RawOptions { writable: true, cache: CacheMode::Writeback })
-            .expect("open image");
+    let backend = RawBackend::open(
+        &path,
+        RawOptions { writable: true, cache: CacheMode::Writeback, ..Default::default() },
+    )
+    .expect("open image");
     let opts = ExportOptions {
         writable: true,
         growable: false,

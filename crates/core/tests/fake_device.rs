@@ -417,6 +417,8 @@ fn a_raw_image_is_read_and_written_through_the_fake_device() {
         cache: CacheMode::Writeback,
         writethrough: false,
         io_uring: IoUringMode::Off,
+        locking: Default::default(),
+        force_share: false,
     };
     let (tx, events) = mpsc::channel();
     let (s, peer) = config::start_fake_device(
@@ -482,6 +484,8 @@ fn raw_device(file: TempImage, growable: bool, cache: CacheMode) -> RawDevice {
         cache,
         writethrough: false,
         io_uring: IoUringMode::Off,
+        locking: Default::default(),
+        force_share: false,
     };
     let (tx, events) = mpsc::channel();
     let on_event = Box::new(move |e| {

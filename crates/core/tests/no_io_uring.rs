@@ -63,9 +63,11 @@ fn a_queue_without_io_uring_serves_reads_and_writes() {
     std::env::set_var("BLOCKFUSE_TEST_NO_IO_URING", "1");
     let path = std::env::temp_dir().join(format!("blockfuse-no-uring-{}.raw", std::process::id()));
     std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
-    let backend =
-        RawBackend::open(&path, RawOptions { writable: true, cache: CacheMode::Writeback })
-            .unwrap();
+    let backend = RawBackend::open(
+        &path,
+        RawOptions { writable: true, cache: CacheMode::Writeback, ..Default::default() },
+    )
+    .unwrap();
     let opts = ExportOptions {
         writable: true,
         growable: false,

@@ -6,7 +6,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use blockfuse_core::backend::{BlockBackend, CacheMode, FaultSpec};
+use blockfuse_core::backend::{BlockBackend, CacheMode, FaultSpec, LockMode};
 use blockfuse_core::config::{self, ExportConfig, Source};
 use blockfuse_core::transport::{IoUringMode, Session, SessionEvent};
 use napi::bindgen_prelude::*;
@@ -75,6 +75,9 @@ pub struct NativeExportConfig {
     pub writethrough: bool,
     /// 'auto' | 'on' | 'off'
     pub io_uring: String,
+    /// 'auto' | 'on' | 'off'
+    pub locking: String,
+    pub force_share: bool,
 }
 
 #[napi(object)]
@@ -116,6 +119,12 @@ fn to_core(c: NativeExportConfig) -> Result<ExportConfig> {
         "off" => IoUringMode::Off,
         other => return Err(invalid(format!("unknown ioUring mode {other:?}"))),
     };
+    let locking = match c.locking.as_str() {
+        "auto" => LockMode::Auto,
+        "on" => LockMode::On,
+        "off" => LockMode::Off,
+        other => return Err(invalid(format!("unknown locking mode {other:?}"))),
+    };
     Ok(ExportConfig {
         source,
         mountpoint: PathBuf::from(c.mountpoint),
@@ -126,6 +135,8 @@ fn to_core(c: NativeExportConfig) -> Result<ExportConfig> {
         cache,
         writethrough: c.writethrough,
         io_uring,
+        locking,
+        force_share: c.force_share,
     })
 }
 

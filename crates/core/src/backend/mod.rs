@@ -5,18 +5,52 @@ use std::io;
 
 pub mod fault;
 mod file_io;
+pub mod lock;
 mod memory;
 mod null;
 pub mod probe;
 mod qcow2;
+mod qcow2_overlap;
 mod raw;
 
 pub use fault::{FaultBackend, FaultSpec};
+pub use lock::LockMode;
 pub use memory::MemoryBackend;
 pub use null::NullBackend;
 pub use probe::ProbedRaw;
 pub use qcow2::{Qcow2Backend, Qcow2Options};
 pub use raw::{CacheMode, RawBackend, RawOptions};
+
+/// An image refused at open for a reason with its own stable code (`IMAGE_LOCKED`,
+/// `IMAGE_TOO_LARGE`, ...). Travels inside an `io::Error`; [`refusal_of`] finds it again.
+#[derive(Debug)]
+pub struct Refusal {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+impl Refusal {
+    pub fn error(code: &'static str, message: String) -> io::Error {
+        io::Error::other(Refusal { code, message })
+    }
+}
+
+/// The [`Refusal`] an open error carries, if any.
+pub fn refusal_of(e: &io::Error) -> Option<&Refusal> {
+    e.get_ref().and_then(|inner| inner.downcast_ref::<Refusal>())
+}
+
+/// Largest image size blockfuse serves: 2^53 - 1, the largest integer a JavaScript number holds
+/// exactly, so sizes reach the API, the ready line and events unrounded.
+pub const MAX_IMAGE_SIZE: u64 = (1 << 53) - 1;
 
 /// Whether a range holds data or is a hole, as SEEK_DATA/SEEK_HOLE see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,7 +14,8 @@ use std::io::{self, Read, Seek};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
 use imago::format::gate::ImplicitOpenGate;
@@ -22,10 +23,12 @@ use imago::format::PreallocateMode;
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
 use imago::storage::drivers::CommonStorageHelper;
-use imago::{FormatAccess, FormatDriverBuilder, Mapping, Storage, StorageOpenOptions};
+use imago::{FormatAccess, FormatDriverBuilder, Mapping, Storage, StorageExt, StorageOpenOptions};
 use tokio::sync::RwLock;
 
-use super::{file_io, BlockBackend, CacheMode, Extent};
+use super::lock::{ImageLock, LockError, LockMode, Perms};
+use super::qcow2_overlap::{Layout, MetadataMap};
+use super::{file_io, BlockBackend, CacheMode, Extent, Refusal, MAX_IMAGE_SIZE};
 use crate::sys;
 use crate::sys::uring::Submission;
 
@@ -34,6 +37,10 @@ pub struct Qcow2Options {
     pub writable: bool,
     /// `None` opens every file of the chain with O_DIRECT.
     pub cache: CacheMode,
+    /// QEMU-compatible image locks on every file of the chain (`lock`).
+    pub locking: LockMode,
+    /// Read-only: let others write and resize the files meanwhile (`qemu-img -U`).
+    pub force_share: bool,
 }
 
 /// Longest backing chain we follow; deeper chains are refused at open.
@@ -45,27 +52,36 @@ const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
 const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
 const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
 
-/// What we read from the top image's header ourselves (imago validated it).
+/// Incompatible feature bits (v3 header, offset 72).
+const INCOMPAT_DIRTY: u64 = 1 << 0;
+const INCOMPAT_CORRUPT: u64 = 1 << 1;
+/// Where the incompatible feature bits live; the low byte holds the dirty and corrupt bits.
+const INCOMPAT_OFFSET: u64 = 72;
+
+/// What we read from the top image's header ourselves (imago validates the rest).
 #[derive(Debug, Clone, Copy)]
 struct HeaderInfo {
     version: u32,
     cluster_size: u64,
+    incompatible: u64,
+    layout: Layout,
 }
 
 impl HeaderInfo {
     fn read(path: &Path) -> io::Result<Self> {
-        // The version 2 header: 72 bytes (version 3 extends it).
-        let mut head = [0u8; 72];
+        // The version 2 header is 72 bytes; version 3 has at least 104.
+        let mut head = [0u8; 104];
         let mut file = File::open(path)?;
         let n = read_up_to(&mut file, &mut head)?;
         if n < 4 || head[..4] != super::probe::QCOW2_MAGIC {
             return Err(invalid("not a qcow2 image (no QFI\\xfb magic)"));
         }
-        if n < head.len() {
+        if n < 72 {
             return Err(invalid("qcow2 header is truncated"));
         }
         let be32 =
             |at: usize| u32::from_be_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+        let be64 = |at: usize| (u64::from(be32(at)) << 32) | u64::from(be32(at + 4));
         let version = be32(4);
         if version != 2 && version != 3 {
             return Err(invalid(&format!("unsupported qcow2 version {version} (only 2 and 3)")));
@@ -78,8 +94,40 @@ impl HeaderInfo {
         if be32(32) != 0 {
             return Err(invalid("encrypted qcow2 images are not supported"));
         }
-        Ok(HeaderInfo { version, cluster_size: 1 << cluster_bits })
+        if version == 3 && n < head.len() {
+            return Err(invalid("qcow2 header is truncated"));
+        }
+        let layout = Layout {
+            cluster_bits,
+            size: be64(24),
+            l1_size: be32(36),
+            l1_offset: be64(40),
+            refcount_table_offset: be64(48),
+            refcount_table_clusters: be32(56),
+            nb_snapshots: be32(60),
+            snapshots_offset: be64(64),
+            refcount_order: if version == 3 { be32(96) } else { 4 },
+        };
+        if layout.size > MAX_IMAGE_SIZE {
+            return Err(Refusal::error(
+                "IMAGE_TOO_LARGE",
+                format!(
+                    "{}: virtual size {} bytes is larger than 2^53-1 ({MAX_IMAGE_SIZE}), the \
+                     largest size blockfuse serves exactly",
+                    path.display(),
+                    layout.size
+                ),
+            ));
+        }
+        layout.check_limits().map_err(|reason| invalid(&reason))?;
+        let incompatible = if version == 3 { be64(72) } else { 0 };
+        Ok(HeaderInfo { version, cluster_size: 1 << cluster_bits, incompatible, layout })
     }
+}
+
+/// The way out QEMU gives for a dirty or corrupt image.
+fn repair_hint(path: &Path) -> String {
+    format!("repair it with: qemu-img check -r all {}", path.display())
 }
 
 fn read_up_to(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
@@ -107,6 +155,16 @@ pub struct Qcow2Backend {
     header: HeaderInfo,
     has_backing: bool,
     alignment: u32,
+    top_path: PathBuf,
+    /// Writable only: the metadata guest writes must not touch.
+    /// Re-read from the file when it may be stale: after a resize (which may move the L1
+    /// table) and before a suspected overlap is reported (freed metadata is reused for data).
+    metadata: Option<std::sync::RwLock<MetadataMap>>,
+    /// Set once a write was stopped from overwriting metadata: the image is marked corrupt and
+    /// every later write fails (QEMU makes the node read-only the same way).
+    corrupt: AtomicBool,
+    /// Image locks on every file of the chain, held for the backend's lifetime.
+    _locks: Vec<ImageLock>,
 }
 
 impl Qcow2Backend {
@@ -129,15 +187,96 @@ impl Qcow2Backend {
         let header = HeaderInfo::read(path)?;
         let direct = opts.cache == CacheMode::None;
         let storage_opts = StorageOpenOptions::new().direct(direct);
-        let top_storage =
+        let mut top_storage =
             ImageFile::open(storage_opts.clone().filename(path).write(opts.writable)).await?;
+        let top_lock =
+            ImageLock::acquire(path, Perms::image(opts.writable, opts.force_share), opts.locking)?;
+        let dirty = header.incompatible & INCOMPAT_DIRTY != 0;
+        let corrupt = header.incompatible & INCOMPAT_CORRUPT != 0;
+        if opts.writable && corrupt {
+            return Err(Refusal::error(
+                "IMAGE_CORRUPT",
+                format!(
+                    "{}: the qcow2 image is marked corrupt and can only be exported read-only; {}",
+                    path.display(),
+                    repair_hint(path)
+                ),
+            ));
+        }
+        if opts.writable && dirty {
+            return Err(Refusal::error(
+                "IMAGE_DIRTY",
+                format!(
+                    "{}: the qcow2 image has the dirty bit set (left by a crash with \
+                     lazy_refcounts), so its refcounts may be wrong; export it read-only, or {}",
+                    path.display(),
+                    repair_hint(path)
+                ),
+            ));
+        }
         let top = top_storage.file.try_clone()?;
-        let gate = ChainGate { chain: vec![std::fs::canonicalize(path)?] };
-        let qcow2 = Qcow2::<ImageFile>::builder(top_storage)
+        // Through the page cache: the image's own file may be O_DIRECT.
+        let buffered = File::open(path)?;
+        let metadata = if opts.writable {
+            let map = MetadataMap::read(&buffered, &header.layout)?;
+            if let Some((offset, kind)) = map.unreferenced(&buffered, &header.layout)? {
+                return Err(Refusal::error(
+                    "IMAGE_CORRUPT",
+                    format!(
+                        "{}: the {} at host offset {offset:#x} has refcount 0, so new clusters \
+                         could be allocated over it; export it read-only, or {}",
+                        path.display(),
+                        kind.name(),
+                        repair_hint(path)
+                    ),
+                ));
+            }
+            Some(std::sync::RwLock::new(map))
+        } else {
+            // Still refuses what QEMU refuses (a snapshot table too large).
+            MetadataMap::read(&buffered, &header.layout)?;
+            None
+        };
+        // Read-only, a dirty or corrupt image is served as QEMU serves it: imago would refuse
+        // the bits, so they are hidden from it while it opens the chain.
+        let window = Arc::new(AtomicBool::new(true));
+        top_storage.hide_dirty_and_corrupt(&window, opts.writable);
+        if corrupt {
+            log::warn!(
+                "{}: the qcow2 image is marked corrupt; serving it read-only; {}",
+                path.display(),
+                repair_hint(path)
+            );
+        } else if dirty {
+            log::warn!(
+                "{}: the qcow2 image has the dirty bit set; serving it read-only",
+                path.display()
+            );
+        }
+        let gate = ChainGate {
+            chain: vec![std::fs::canonicalize(path)?],
+            locking: opts.locking,
+            force_share: opts.force_share,
+            locks: Arc::new(Mutex::new(vec![top_lock])),
+            refused: Arc::new(Mutex::new(None)),
+            window: window.clone(),
+        };
+        let locks = gate.locks.clone();
+        let refused = gate.refused.clone();
+        let opened = Qcow2::<ImageFile>::builder(top_storage)
             .write(opts.writable)
             .storage_open_options(storage_opts)
             .open(gate)
-            .await?;
+            .await;
+        window.store(false, Ordering::Release);
+        let qcow2 = match opened {
+            Ok(q) => q,
+            // imago adds context to errors of the files it opens, which loses our refusal.
+            Err(e) => {
+                return Err(refused.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or(e))
+            }
+        };
+        let locks = std::mem::take(&mut *locks.lock().unwrap_or_else(|p| p.into_inner()));
         let has_backing = qcow2.implicit_backing_file().is_some();
         let image = FormatAccess::new(qcow2);
         let alignment = image.req_align().max(image.mem_align()).min(1 << 20) as u32;
@@ -148,7 +287,164 @@ impl Qcow2Backend {
             header,
             has_backing,
             alignment,
+            top_path: path.to_path_buf(),
+            metadata,
+            corrupt: AtomicBool::new(false),
+            _locks: locks,
         })
+    }
+
+    /// EIO once the image was marked corrupt.
+    fn writable_now(&self) -> io::Result<()> {
+        if self.corrupt.load(Ordering::Acquire) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+
+    /// imago's `FormatAccess::write`, with QEMU's metadata overlap check between learning where
+    /// the data goes and writing it: a write that would land on metadata writes nothing, marks
+    /// the image corrupt and fails.
+    async fn checked_write(
+        &self,
+        image: &FormatAccess<ImageFile>,
+        mut buf: &[u8],
+        mut offset: u64,
+    ) -> io::Result<()> {
+        if self.metadata.is_none() {
+            return image.write(buf, offset).await;
+        }
+        let mut rechecked = false;
+        while !buf.is_empty() {
+            let mapping = image.prepare_data_mapping(offset, buf.len() as u64, true).await?;
+            let (storage, host, n) = (mapping.storage(), mapping.offset(), mapping.length());
+            if storage.path == self.top_path {
+                if let Some(kind) = self.overlap(host, n) {
+                    // Nothing written; the prepared mapping is dropped uncommitted.
+                    drop(mapping);
+                    if !rechecked {
+                        // The map may be stale (metadata freed and reused): refresh it from the
+                        // file, with imago's cached metadata written first, and try again.
+                        rechecked = true;
+                        image.flush().await?;
+                        self.refresh_metadata()?;
+                        continue;
+                    }
+                    self.mark_corrupt(kind.name(), host);
+                    return Err(io::Error::from_raw_os_error(libc::EIO));
+                }
+            }
+            let (chunk, rest) = buf.split_at(n as usize);
+            storage.write(chunk, host).await?;
+            image.commit_data_mapping(mapping).await?;
+            buf = rest;
+            offset += n;
+            rechecked = false;
+        }
+        Ok(())
+    }
+
+    /// The metadata a host range of the top file overlaps, if any.
+    fn overlap(&self, host: u64, len: u64) -> Option<super::qcow2_overlap::Kind> {
+        let map = self.metadata.as_ref()?;
+        map.read().unwrap_or_else(|p| p.into_inner()).overlap(host, len)
+    }
+
+    /// Re-reads the metadata map from the image file.
+    fn refresh_metadata(&self) -> io::Result<()> {
+        let Some(map) = &self.metadata else { return Ok(()) };
+        let header = HeaderInfo::read(&self.top_path)?;
+        let fresh = MetadataMap::read(&File::open(&self.top_path)?, &header.layout)?;
+        *map.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
+    }
+
+    /// Makes a range read zeros without deallocating it: zero clusters on v3; on v2, which has
+    /// no zero flag, zeros written as data.
+    async fn zero_in_place(
+        &self,
+        image: &FormatAccess<ImageFile>,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        if self.header.version >= 3 {
+            return image.write_zeroes(offset, len).await;
+        }
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let n = (end - pos).min(zeros.len() as u64) as usize;
+            self.checked_write(image, &zeros[..n], pos).await?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Before zeroing or discarding: fails (and marks the image corrupt) if a cluster of the
+    /// range is mapped onto metadata, since freeing or zeroing it would destroy that metadata.
+    async fn check_mapped(
+        &self,
+        image: &FormatAccess<ImageFile>,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        if self.metadata.is_none() {
+            return Ok(());
+        }
+        let end = offset + len;
+        let mut pos = offset;
+        let mut rechecked = false;
+        while pos < end {
+            let (mapping, n) = image.get_mapping(pos, end - pos).await?;
+            if n == 0 {
+                break;
+            }
+            if let Mapping::Raw { storage, offset: host, .. } = mapping {
+                if storage.path == self.top_path {
+                    if let Some(kind) = self.overlap(host, n) {
+                        if !rechecked {
+                            rechecked = true;
+                            image.flush().await?;
+                            self.refresh_metadata()?;
+                            continue;
+                        }
+                        self.mark_corrupt(kind.name(), host);
+                        return Err(io::Error::from_raw_os_error(libc::EIO));
+                    }
+                }
+            }
+            pos += n;
+            rechecked = false;
+        }
+        Ok(())
+    }
+
+    /// QEMU's `qcow2_signal_corruption`: sets the corrupt bit in the header (v3; v2 has none)
+    /// and stops all further writes.
+    fn mark_corrupt(&self, what: &str, host: u64) {
+        if self.corrupt.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        log::error!(
+            "Marking image as corrupt: Preventing invalid write on metadata (overlaps with \
+             {what}) at host offset {host:#x}; further writes fail with EIO"
+        );
+        if self.header.version < 3 {
+            return;
+        }
+        use std::os::unix::fs::FileExt;
+        let mut field = [0u8; 8];
+        // A buffered file of its own: the image's may be O_DIRECT.
+        let marked = OpenOptions::new().read(true).write(true).open(&self.top_path).and_then(|f| {
+            f.read_exact_at(&mut field, INCOMPAT_OFFSET)?;
+            let bits = u64::from_be_bytes(field) | INCOMPAT_CORRUPT;
+            f.write_all_at(&bits.to_be_bytes(), INCOMPAT_OFFSET)?;
+            f.sync_data()
+        });
+        if let Err(e) = marked {
+            log::error!("could not set the corrupt bit in the image header: {e}");
+        }
     }
 
     /// The qcow2 version of the top image (2 or 3).
@@ -178,28 +474,6 @@ async fn no_panic<T>(what: &str, fut: impl Future<Output = io::Result<T>>) -> io
         log::error!("qcow2 {what} panicked; answered EIO");
     }
     r
-}
-
-/// Makes a range read zeros without deallocating it: zero clusters on v3; on v2, which has no
-/// zero flag, zeros written as data.
-async fn zero_in_place(
-    image: &FormatAccess<ImageFile>,
-    v3: bool,
-    offset: u64,
-    len: u64,
-) -> io::Result<()> {
-    if v3 {
-        return image.write_zeroes(offset, len).await;
-    }
-    let zeros = vec![0u8; len.min(1 << 20) as usize];
-    let end = offset + len;
-    let mut pos = offset;
-    while pos < end {
-        let n = (end - pos).min(zeros.len() as u64) as usize;
-        image.write(&zeros[..n], pos).await?;
-        pos += n as u64;
-    }
-    Ok(())
 }
 
 /// Request-time errors: OS errors keep their errno; imago's own (corrupt metadata, unsupported
@@ -238,9 +512,10 @@ impl BlockBackend for Qcow2Backend {
         .map_err(|e| request_error("read", e))
     }
     async fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.writable_now()?;
         no_panic("write", async {
             let image = self.image.read().await;
-            image.write(buf, offset).await
+            self.checked_write(&image, buf, offset).await
         })
         .await
         .map_err(|e| request_error("write", e))
@@ -256,6 +531,7 @@ impl BlockBackend for Qcow2Backend {
         .map_err(|e| request_error("flush", e))
     }
     async fn truncate(&self, new_len: u64, preallocate: bool) -> io::Result<()> {
+        self.writable_now()?;
         let old = self.len();
         no_panic("resize", async {
             if new_len > old {
@@ -272,8 +548,8 @@ impl BlockBackend for Qcow2Backend {
                 let tail_end = new_len.next_multiple_of(self.header.cluster_size).min(old);
                 if tail_end > new_len {
                     let image = self.image.read().await;
-                    zero_in_place(&image, self.header.version >= 3, new_len, tail_end - new_len)
-                        .await?;
+                    self.check_mapped(&image, new_len, tail_end - new_len).await?;
+                    self.zero_in_place(&image, new_len, tail_end - new_len).await?;
                 }
                 self.image.write().await.resize_shrink(new_len).await
             } else {
@@ -282,12 +558,21 @@ impl BlockBackend for Qcow2Backend {
         })
         .await
         .map_err(|e| request_error("resize", e))?;
+        if self.metadata.is_some() && new_len != old {
+            // A resize may move the L1 table and allocate refcount blocks.
+            no_panic("resize", async { self.image.read().await.flush().await })
+                .await
+                .map_err(|e| request_error("resize", e))?;
+            self.refresh_metadata()?;
+        }
         self.len.store(new_len, Ordering::Release);
         Ok(())
     }
     async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        self.writable_now()?;
         let v3 = self.header.version >= 3;
         no_panic("write-zeroes", async {
+            self.check_mapped(&*self.image.read().await, offset, len).await?;
             if v3 && unmap {
                 // Zero clusters without allocation; partial clusters get zeros written.
                 return self.image.write().await.discard_to_zero(offset, len).await;
@@ -296,7 +581,7 @@ impl BlockBackend for Qcow2Backend {
                 // v3: zero clusters, allocation kept. v2 with a backing file: zeros as data (v2
                 // has no zero flag, and deallocating would show the backing file).
                 let image = self.image.read().await;
-                return zero_in_place(&image, v3, offset, len).await;
+                return self.zero_in_place(&image, offset, len).await;
             }
             // v2 without a backing file: unallocated clusters read as zeros, so deallocate the
             // whole clusters and write zeros into the partial ones at either end.
@@ -306,15 +591,15 @@ impl BlockBackend for Qcow2Backend {
             let inner_start = offset.next_multiple_of(cs);
             let inner_end = if end == self.len() { end } else { end / cs * cs };
             if inner_start >= inner_end {
-                return zero_in_place(&image, v3, offset, len).await;
+                return self.zero_in_place(&image, offset, len).await;
             }
             let mut image = image;
             image.discard_to_backing(inner_start, inner_end - inner_start).await?;
             if offset < inner_start {
-                zero_in_place(&image, v3, offset, inner_start - offset).await?;
+                self.zero_in_place(&image, offset, inner_start - offset).await?;
             }
             if inner_end < end {
-                zero_in_place(&image, v3, inner_end, end - inner_end).await?;
+                self.zero_in_place(&image, inner_end, end - inner_end).await?;
             }
             Ok(())
         })
@@ -362,6 +647,14 @@ impl BlockBackend for Qcow2Backend {
 #[derive(Clone)]
 struct ChainGate {
     chain: Vec<PathBuf>,
+    locking: LockMode,
+    force_share: bool,
+    /// The locks taken so far, shared by the gate's clones.
+    locks: Arc<Mutex<Vec<ImageLock>>>,
+    /// A lock conflict met while opening, returned instead of imago's rewording of it.
+    refused: Arc<Mutex<Option<io::Error>>>,
+    /// True while the chain is being opened (see [`ImageFile::hide_dirty_and_corrupt`]).
+    window: Arc<AtomicBool>,
 }
 
 impl ImplicitOpenGate<ImageFile> for ChainGate {
@@ -387,7 +680,24 @@ impl ImplicitOpenGate<ImageFile> for ChainGate {
             return Err(invalid(&format!("backing chain longer than {MAX_CHAIN} images")));
         }
         self.chain.push(canonical);
-        ImageFile::open(opts).await
+        let writable = opts.get_writable();
+        let mut file = ImageFile::open(opts).await?;
+        // Backing files come read-only; an external data file comes writable with the image.
+        let perms = Perms::image(writable, self.force_share);
+        match ImageLock::acquire(&file.path, perms, self.locking) {
+            Ok(lock) => self.locks.lock().unwrap_or_else(|p| p.into_inner()).push(lock),
+            Err(e) => {
+                let locked = matches!(e, LockError::Locked(_));
+                let e = io::Error::from(e);
+                if locked {
+                    let copy = Refusal::error("IMAGE_LOCKED", e.to_string());
+                    *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(copy);
+                }
+                return Err(e);
+            }
+        }
+        file.hide_dirty_and_corrupt(&self.window, writable);
+        Ok(file)
     }
 }
 
@@ -400,6 +710,9 @@ pub struct ImageFile {
     req_align: usize,
     submission: Submission,
     helper: CommonStorageHelper,
+    /// Read-only qcow2 v3 files: the dirty and corrupt bits of the header, hidden from reads
+    /// while the window is open (imago refuses them; QEMU reads such images).
+    hide: Option<(u8, Arc<AtomicBool>)>,
 }
 
 impl fmt::Debug for ImageFile {
@@ -415,6 +728,28 @@ impl fmt::Display for ImageFile {
 }
 
 impl ImageFile {
+    /// For a read-only file that is a qcow2 v3 image with the dirty or corrupt bit: hides the
+    /// bits from header reads while `window` is true (only during open, so data of a raw file
+    /// that looks like such a header is never altered once the chain is open).
+    fn hide_dirty_and_corrupt(&mut self, window: &Arc<AtomicBool>, writable: bool) {
+        if writable {
+            return;
+        }
+        let mut head = [0u8; 80];
+        // A file of its own: the image's may be O_DIRECT.
+        let Ok(mut f) = File::open(&self.path) else { return };
+        if !matches!(read_up_to(&mut f, &mut head), Ok(80)) {
+            return;
+        }
+        if head[..4] != super::probe::QCOW2_MAGIC || head[4..8] != [0, 0, 0, 3] {
+            return;
+        }
+        let bits = head[79] & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT) as u8;
+        if bits != 0 {
+            self.hide = Some((bits, window.clone()));
+        }
+    }
+
     fn size_now(&self) -> io::Result<u64> {
         let meta = self.file.metadata()?;
         if meta.file_type().is_file() {
@@ -483,7 +818,7 @@ impl Storage for ImageFile {
         };
         let submission = file_io::submission_for(opts.get_direct());
         let helper = CommonStorageHelper::default();
-        Ok(ImageFile { file, path, mem_align, req_align, submission, helper })
+        Ok(ImageFile { file, path, mem_align, req_align, submission, helper, hide: None })
     }
 
     fn mem_align(&self) -> usize {
@@ -516,6 +851,12 @@ impl Storage for ImageFile {
         let mut pos = offset;
         for mut slice in bufv.into_inner() {
             self.pread_full(&mut slice, pos).await?;
+            if let Some((bits, window)) = &self.hide {
+                let at = INCOMPAT_OFFSET + 7;
+                if window.load(Ordering::Acquire) && (pos..pos + slice.len() as u64).contains(&at) {
+                    slice[(at - pos) as usize] &= !bits;
+                }
+            }
             pos += slice.len() as u64;
         }
         Ok(())

@@ -8,6 +8,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::lock::{ImageLock, LockMode, Perms};
 use super::{file_io, BlockBackend, Extent};
 use crate::aligned::AlignedBuf;
 use crate::sys;
@@ -28,6 +29,10 @@ pub enum CacheMode {
 pub struct RawOptions {
     pub writable: bool,
     pub cache: CacheMode,
+    /// QEMU-compatible image locks (`lock`).
+    pub locking: LockMode,
+    /// Read-only: let others write and resize the image meanwhile (`qemu-img -U`).
+    pub force_share: bool,
 }
 
 pub struct RawBackend {
@@ -39,6 +44,8 @@ pub struct RawBackend {
     /// With O_DIRECT: aligned writes share it, a read-modify-write takes it alone, so an RMW never
     /// writes back stale bytes over a concurrent write to the same block.
     rmw: tokio::sync::RwLock<()>,
+    /// Held for the backend's lifetime.
+    _lock: ImageLock,
 }
 
 const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
@@ -71,6 +78,8 @@ impl RawBackend {
             }
         };
         let optimal_transfer = (meta.blksize() as u32).clamp(512, 1 << 20);
+        let perms = Perms::image(opts.writable, opts.force_share);
+        let lock = ImageLock::acquire(path, perms, opts.locking)?;
         Ok(RawBackend {
             file,
             len: AtomicU64::new(len),
@@ -78,6 +87,7 @@ impl RawBackend {
             optimal_transfer,
             submission: file_io::submission_for(opts.cache == CacheMode::None),
             rmw: tokio::sync::RwLock::new(()),
+            _lock: lock,
         })
     }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::backend::{Backend, BlockBackend, Extent};
+use crate::backend::{Backend, BlockBackend, Extent, MAX_IMAGE_SIZE};
 use crate::protocol::abi::{falloc, fattr, fopen, whence, FUSE_ROOT_ID};
 use crate::protocol::decode::{Op, SetattrIn};
 use crate::protocol::encode::{self, Attr, Statfs};
@@ -112,6 +112,11 @@ impl Export {
         }
     }
 
+    /// Whether clients may write (a read-only export never flushes its image).
+    pub fn writable(&self) -> bool {
+        self.opts.writable
+    }
+
     pub fn backend(&self) -> &Backend {
         &self.backend
     }
@@ -153,6 +158,9 @@ impl Export {
             }
             Op::Read { offset, size } => self.read(offset, size, data).await,
             Op::Write { offset, size } => self.write(offset, size, data, small).await,
+            // A read-only export has nothing to flush and never syncs the image (which may live
+            // where fsync fails, e.g. /proc).
+            Op::Flush | Op::Fsync { .. } if !self.opts.writable => Outcome::Small(0),
             Op::Flush | Op::Fsync { .. } => match self.backend.flush().await {
                 Ok(()) => Outcome::Small(0),
                 Err(e) => Outcome::Error(errno_of(&e)),
@@ -243,6 +251,9 @@ impl Export {
             return Outcome::Error(libc::EPERM);
         }
         if set(fattr::FATTR_SIZE) {
+            if s.size > MAX_IMAGE_SIZE {
+                return Outcome::Error(libc::EFBIG);
+            }
             let _guard = self.resize.lock().await;
             if let Err(e) = self.backend.truncate(s.size, false).await {
                 return Outcome::Error(errno_of(&e));
@@ -298,27 +309,44 @@ impl Export {
         }
         let mut n = size as u64;
         let len = self.backend.len();
-        if end > len {
-            if self.opts.growable {
-                let _guard = self.resize.lock().await;
-                if end > self.backend.len() {
-                    if let Err(e) = self.backend.truncate(end, false).await {
-                        return Outcome::Error(errno_of(&e));
-                    }
+        if end > len && self.opts.growable {
+            if end > MAX_IMAGE_SIZE {
+                return Outcome::Error(libc::EFBIG);
+            }
+            // The grow and the write go together: if the write fails, the size goes back to
+            // what it was (held under the resize lock, so no other resize interleaves).
+            let _guard = self.resize.lock().await;
+            let before = self.backend.len();
+            if end > before {
+                if let Err(e) = self.backend.truncate(end, false).await {
+                    return Outcome::Error(errno_of(&e));
                 }
-            } else if offset >= len {
+                if let Err(e) = self.backend.write_at(&data[..size as usize], offset).await {
+                    if let Err(undo) = self.backend.truncate(before, false).await {
+                        log::error!("cannot undo the grow of a failed write ({e}): {undo}");
+                    }
+                    return Outcome::Error(errno_of(&e));
+                }
+                return self.written(size as usize, small).await;
+            }
+        } else if end > len {
+            if offset >= len {
                 // Nothing fits. ENOSPC rather than a 0-byte write: callers that retry short
                 // writes (Node's fs) would loop forever on 0; dd reports the same error either way.
                 return Outcome::Error(libc::ENOSPC);
-            } else {
-                // Clients expect short writes at EOF.
-                n = len - offset;
             }
+            // Clients expect short writes at EOF.
+            n = len - offset;
         }
         let n = n as usize;
         if let Err(e) = self.backend.write_at(&data[..n], offset).await {
             return Outcome::Error(errno_of(&e));
         }
+        self.written(n, small).await
+    }
+
+    /// After `n` bytes were written: writethrough's flush, the counters, the reply.
+    async fn written(&self, n: usize, small: &mut [u8]) -> Outcome {
         if self.opts.writethrough {
             if let Err(e) = self.backend.flush().await {
                 return Outcome::Error(errno_of(&e));
@@ -345,6 +373,13 @@ impl Export {
         }
         let end = offset.checked_add(length).ok_or(libc::EINVAL)?;
         let io = |e: std::io::Error| errno_of(&e);
+        // Growing past the largest exact size is refused; ranges inside the image are not.
+        if mode & falloc::FALLOC_FL_KEEP_SIZE == 0
+            && end > MAX_IMAGE_SIZE
+            && end > self.backend.len()
+        {
+            return Err(libc::EFBIG);
+        }
         let keep_size = mode & falloc::FALLOC_FL_KEEP_SIZE != 0;
         if mode == 0 {
             // Plain allocation can only mean growing: everything before EOF is allocated as far
@@ -357,7 +392,12 @@ impl Export {
             if offset > len {
                 self.backend.truncate(offset, false).await.map_err(io)?;
             }
-            return self.backend.truncate(end, true).await.map_err(io);
+            let grown = self.backend.truncate(end, true).await;
+            if grown.is_err() && self.backend.len() != len {
+                // A failed allocation leaves the size as it was.
+                let _ = self.backend.truncate(len, false).await;
+            }
+            return grown.map_err(io);
         }
         let unmap = if mode & falloc::FALLOC_FL_PUNCH_HOLE != 0 {
             if !keep_size {

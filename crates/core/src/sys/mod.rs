@@ -362,3 +362,37 @@ pub fn wake_thread<T>(handle: &std::thread::JoinHandle<T>) {
     // that has ended); the signal has a do-nothing handler installed by install_wake_signal.
     let _ = unsafe { libc::pthread_kill(handle.as_pthread_t(), wake_signal()) };
 }
+
+/// An open-file-description (OFD) byte-range lock request: F_RDLCK, F_WRLCK or F_UNLCK.
+fn ofd_flock(kind: libc::c_int, offset: u64, len: u64) -> io::Result<libc::flock> {
+    // SAFETY: `flock` is a plain C struct of integers; all zeros is a valid value. l_pid must be
+    // 0 for OFD locks.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = to_off(offset)?;
+    fl.l_len = to_off(len)?;
+    Ok(fl)
+}
+
+/// fcntl(F_OFD_SETLK): takes (or with F_UNLCK drops) a lock without waiting. A lock held by
+/// another open file description fails with EAGAIN or EACCES.
+pub fn ofd_setlk(file: &File, kind: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let fl = ofd_flock(kind, offset, len)?;
+    // SAFETY: F_OFD_SETLK reads one `struct flock` through the pointer, which points to a live
+    // local; the fd is open for the duration of the call.
+    check(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl as *const libc::flock) })
+        .map(drop)
+}
+
+/// fcntl(F_OFD_GETLK): whether a lock of `kind` on the range would conflict with a lock held
+/// through another open file description (locks of `file`'s own description never conflict).
+pub fn ofd_conflicts(file: &File, kind: libc::c_int, offset: u64, len: u64) -> io::Result<bool> {
+    let mut fl = ofd_flock(kind, offset, len)?;
+    // SAFETY: F_OFD_GETLK reads and writes one `struct flock` through the pointer, which points
+    // to a live local we own mutably; the fd is open for the duration of the call.
+    check(unsafe {
+        libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl as *mut libc::flock)
+    })?;
+    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+}

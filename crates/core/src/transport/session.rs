@@ -336,7 +336,12 @@ impl Session {
         }
         // If our unmount failed, the guard removes the (now served by nobody) mount.
         drop(self.guard.take());
-        let flushed = flush_now(self.shared.export.backend());
+        // Read-only exports wrote nothing, so they never flush or sync the image.
+        let flushed = if self.shared.export.writable() {
+            flush_now(self.shared.export.backend())
+        } else {
+            Ok(())
+        };
         // Unmounted (or left to whoever covers it): another export may claim the mountpoint now.
         drop(self.claim.take());
         unmounted?;
