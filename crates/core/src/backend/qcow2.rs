@@ -322,16 +322,8 @@ impl Qcow2Backend {
                 if let Some(kind) = self.overlap(host, n) {
                     // Nothing written; the prepared mapping is dropped uncommitted.
                     drop(mapping);
-                    if !rechecked {
-                        // The map may be stale (metadata freed and reused): refresh it from the
-                        // file, with imago's cached metadata written first, and try again.
-                        rechecked = true;
-                        image.flush().await?;
-                        self.refresh_metadata()?;
-                        continue;
-                    }
-                    self.mark_corrupt(kind.name(), host);
-                    return Err(io::Error::from_raw_os_error(libc::EIO));
+                    self.overlap_found(image, kind, host, &mut rechecked).await?;
+                    continue;
                 }
             }
             let (chunk, rest) = buf.split_at(n as usize);
@@ -342,6 +334,26 @@ impl Qcow2Backend {
             rechecked = false;
         }
         Ok(())
+    }
+
+    /// A write, zero or discard of `host` overlaps metadata of kind `kind`. The first time
+    /// (`rechecked` false) the map may be stale (metadata freed and reused): refresh it from the
+    /// file, with imago's cached metadata written first, and return Ok so the caller tries again.
+    /// The second time the overlap is real: mark the image corrupt and fail with EIO.
+    async fn overlap_found(
+        &self,
+        image: &FormatAccess<ImageFile>,
+        kind: super::qcow2_overlap::Kind,
+        host: u64,
+        rechecked: &mut bool,
+    ) -> io::Result<()> {
+        if !*rechecked {
+            *rechecked = true;
+            image.flush().await?;
+            return self.refresh_metadata();
+        }
+        self.mark_corrupt(kind.name(), host);
+        Err(io::Error::from_raw_os_error(libc::EIO))
     }
 
     /// The metadata a host range of the top file overlaps, if any.
@@ -403,14 +415,8 @@ impl Qcow2Backend {
             if let Mapping::Raw { storage, offset: host, .. } = mapping {
                 if storage.path == self.top_path {
                     if let Some(kind) = self.overlap(host, n) {
-                        if !rechecked {
-                            rechecked = true;
-                            image.flush().await?;
-                            self.refresh_metadata()?;
-                            continue;
-                        }
-                        self.mark_corrupt(kind.name(), host);
-                        return Err(io::Error::from_raw_os_error(libc::EIO));
+                        self.overlap_found(image, kind, host, &mut rechecked).await?;
+                        continue;
                     }
                 }
             }
