@@ -2,11 +2,12 @@
  * ts/native.ts: the one function that turns native errors into BlockfuseErrors with a stable `code`,
  * and the built binding having the shape ts/native.ts declares (the lint job type-checks without it).
  */
+import { readFile } from 'node:fs/promises'
 import { createRequire } from 'node:module'
 
 import test from 'ava'
 
-import { BlockfuseError } from '../ts/errors.js'
+import { BlockfuseError, isBlockfuseErrorCode, NATIVE_ERROR_CODES } from '../ts/errors.js'
 import {
   nativeStartFakeDevice,
   nativeVersion,
@@ -25,21 +26,29 @@ test('a native "CODE: message" error becomes code and message', (t) => {
   t.is(err.cause, native)
 })
 
-test('every documented native code is mapped, multi-line messages are kept whole', (t) => {
-  for (const code of [
-    'SOURCE_OPEN_FAILED',
-    'MOUNTPOINT_NOT_FOUND',
-    'MOUNTPOINT_NOT_FILE',
-    'FUSE_DEVICE_FAILED',
-    'MOUNT_FAILED',
-    'INIT_FAILED',
-    'INVALID_CONFIG',
-    'CLOSE_FAILED',
-    'INTERNAL',
-  ]) {
+test('every native code is mapped, multi-line messages are kept whole', (t) => {
+  for (const code of NATIVE_ERROR_CODES) {
     t.is(toBlockfuseError(new Error(`${code}: x\ny`)).code, code)
     t.is(toBlockfuseError(new Error(`${code}: x\ny`)).message, 'x\ny')
   }
+})
+
+test('every code the Rust side raises is in NATIVE_ERROR_CODES (the closed union)', async (t) => {
+  const root = new URL('../crates/', import.meta.url)
+  const core = await readFile(new URL('core/src/error.rs', root), 'utf8')
+  const node = await readFile(new URL('node/src/lib.rs', root), 'utf8')
+  const raised = new Set([
+    ...[...core.matchAll(/=> "([A-Z][A-Z0-9_]*)"/g)].map((m) => m[1]!),
+    ...[...node.matchAll(/js_error\("([A-Z][A-Z0-9_]*)"/g)].map((m) => m[1]!),
+  ])
+  t.true(raised.size >= 5, `found only ${[...raised].join(', ')}`)
+  for (const code of raised) t.true(isBlockfuseErrorCode(code), `${code} is missing from ts/errors.ts`)
+})
+
+test('a native code this version does not know is INTERNAL and keeps the whole message', (t) => {
+  const err = toBlockfuseError(new Error('SOMETHING_NEW: x'))
+  t.is(err.code, 'INTERNAL')
+  t.is(err.message, 'SOMETHING_NEW: x')
 })
 
 test('an error without a code prefix is INTERNAL and keeps its message', (t) => {

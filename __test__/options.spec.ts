@@ -3,11 +3,19 @@
  * through FuseExport.create with real files, directories and mounts.
  */
 import { mkdir, symlink, writeFile } from 'node:fs/promises'
-import { join } from 'node:path'
+import { join, resolve } from 'node:path'
 
 import test from 'ava'
 
-import { BlockfuseError, FuseExport, normalizeOptions, parseSize, type FuseExportOptions } from '../ts/index.js'
+import {
+  BlockfuseError,
+  FuseExport,
+  isBlockfuseError,
+  normalizeOptions,
+  parseSize,
+  type BlockfuseErrorCode,
+  type FuseExportOptions,
+} from '../ts/index.js'
 import { parseMountinfo } from '../ts/options.js'
 import { imageFixture, withExport } from './helpers/exports.js'
 import { isMounted } from './helpers/mounts.js'
@@ -181,6 +189,35 @@ for (const input of invalidSizes) {
   })
 }
 
+test("source 'null:<size>' (the CLI's spelling) is a null backend; './null:x' is a path", (t) => {
+  const nul = normalizeOptions({ source: 'null:1G', mountpoint: '/mnt' })
+  t.deepEqual(nul.source, { null: 1024 ** 3 })
+  t.is(nul.format, 'null')
+  t.is(normalizeOptions({ source: './null:1G', mountpoint: '/mnt' }).source, resolve('null:1G'))
+  const err = t.throws(() => normalizeOptions({ source: 'null:0', mountpoint: '/mnt' }))
+  t.true(isBlockfuseError(err, 'NULL_SIZE_INVALID'))
+  t.throws(() => normalizeOptions({ source: 'null:1G', mountpoint: '/mnt', format: 'raw' }), {
+    message: /"format" is "raw" but "source" is a null backend/,
+  })
+})
+
+test('error codes are a closed union: a misspelt code does not compile', (t) => {
+  const err: unknown = new BlockfuseError('MOUNT_FAILED', 'x')
+  // The directives below fail the type check (npm run lint) if the misspelt codes ever compile.
+  // @ts-expect-error: 'MOUNT_FAILD' is not a BlockfuseErrorCode
+  t.false(isBlockfuseError(err, 'MOUNT_FAILD'))
+  // @ts-expect-error: neither is it for the constructor
+  t.is(new BlockfuseError('NO_SUCH_CODE', 'x').code, 'NO_SUCH_CODE')
+  if (isBlockfuseError(err)) {
+    const code: BlockfuseErrorCode = err.code
+    // @ts-expect-error: `code` is the union, so comparing with a misspelt code is an error too
+    t.false(code === 'MOUNT_FAILD')
+  }
+  // The typed API takes the CLI's null spelling.
+  const options: FuseExportOptions = { source: 'null:1G', mountpoint: 'null.mnt' }
+  t.is(options.source, 'null:1G')
+})
+
 test('mountinfo lines are parsed with their escapes decoded', (t) => {
   const text = [
     '22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw',
@@ -198,7 +235,7 @@ test('mountinfo lines are parsed with their escapes decoded', (t) => {
 
 // --- FuseExport.create with real files -------------------------------------------------------
 
-async function rejects(t: import('ava').ExecutionContext, options: unknown, code: string, message: RegExp) {
+async function rejects(t: import('ava').ExecutionContext, options: unknown, code: BlockfuseErrorCode, message: RegExp) {
   const err = await t.throwsAsync(FuseExport.create(options as FuseExportOptions), {
     instanceOf: BlockfuseError,
     message,

@@ -9,7 +9,7 @@ import { join } from 'node:path'
 
 import test, { type ExecutionContext } from 'ava'
 
-import { FuseExport, isBlockfuseError } from '../ts/index.js'
+import { FuseExport, isBlockfuseError, type BlockfuseErrorCode } from '../ts/index.js'
 import { assertCliBuilt, CliProcess } from './helpers/cli.js'
 import { assertE2eEnvironment } from './helpers/env.js'
 import { makeImage, makeMountpoint, MiB, tempDir } from './helpers/files.js'
@@ -34,7 +34,7 @@ async function fixture(t: ExecutionContext, format: 'raw' | 'qcow2') {
 }
 
 /** Asserts that `promise` rejects with a BlockfuseError of `code` whose message names `path`. */
-async function rejectsWith(t: ExecutionContext, promise: Promise<unknown>, code: string, path: string) {
+async function rejectsWith(t: ExecutionContext, promise: Promise<unknown>, code: BlockfuseErrorCode, path: string) {
   const err = await t.throwsAsync(promise)
   t.true(isBlockfuseError(err, code), `${code} expected, got ${String(err)}`)
   t.true(err?.message.includes(path), `the message names ${path}: ${err?.message}`)

@@ -8,7 +8,7 @@ import { join } from 'node:path'
 
 import test, { type ExecutionContext } from 'ava'
 
-import { FuseExport, isBlockfuseError } from '../ts/index.js'
+import { FuseExport, isBlockfuseError, type BlockfuseErrorCode } from '../ts/index.js'
 import { assertCliBuilt, CliProcess } from './helpers/cli.js'
 import { be32, be64, patch, smallTmpfs } from './helpers/damage.js'
 import { assertE2eEnvironment } from './helpers/env.js'
@@ -23,7 +23,7 @@ test.before(() => {
 
 const MAX_SAFE = Number.MAX_SAFE_INTEGER
 
-async function refused(t: ExecutionContext, promise: Promise<unknown>, code: string, pattern: RegExp) {
+async function refused(t: ExecutionContext, promise: Promise<unknown>, code: BlockfuseErrorCode, pattern: RegExp) {
   const err = await t.throwsAsync(promise)
   t.true(isBlockfuseError(err, code), `${code} expected, got ${String(err)}`)
   t.regex(err?.message ?? '', pattern)

@@ -7,8 +7,9 @@
  */
 import { createRequire } from 'node:module'
 
-import { BlockfuseError } from './errors.js'
+import { BlockfuseError, isBlockfuseErrorCode } from './errors.js'
 import type { ServedFormat } from './options.js'
+import { loadFailureContext, loadFailureMessage } from './platform.js'
 
 /** Configuration handed to the native core; every path is absolute and already checked. */
 export interface NativeExportConfig {
@@ -89,11 +90,8 @@ function load(): NativeBinding {
       // ts/ compiles to dist/; from either directory the binding is one level up.
       binding = createRequire(import.meta.url)('../native/binding.cjs') as NativeBinding
     } catch (err) {
-      throw new BlockfuseError(
-        'NATIVE_LOAD_FAILED',
-        `cannot load the native binding (native/binding.cjs): ${(err as Error).message}; build it with \`npm run build:native\``,
-        { cause: err },
-      )
+      const reason = err instanceof Error ? err.message : String(err)
+      throw new BlockfuseError('NATIVE_LOAD_FAILED', loadFailureMessage(loadFailureContext(), reason), { cause: err })
     }
   }
   return binding
@@ -109,7 +107,9 @@ export function toBlockfuseError(err: unknown): BlockfuseError {
   if (err instanceof BlockfuseError) return err
   const message = err instanceof Error ? err.message : String(err)
   const match = NATIVE_MESSAGE.exec(message)
-  if (match) return new BlockfuseError(match[1]!, match[2]!, { cause: err })
+  const code = match?.[1]
+  if (isBlockfuseErrorCode(code)) return new BlockfuseError(code, match![2]!, { cause: err })
+  // A code this version does not know (or none) keeps the whole message, code prefix included.
   return new BlockfuseError('INTERNAL', message, { cause: err })
 }
 

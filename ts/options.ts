@@ -46,8 +46,12 @@ export interface NullSource {
 
 /** Options of {@link FuseExport.create}. */
 export interface FuseExportOptions {
-  /** Path of an image file (or block device), or `{ null: size }` for a null backend. Required. */
-  source: string | NullSource
+  /**
+   * Path of an image file (or block device), or a null backend: `{ null: size }` or the CLI's
+   * spelling `'null:<size>'` (e.g. `'null:1G'`; a file with such a name is given as `'./null:1G'`).
+   * Required.
+   */
+  source: string | `null:${string}` | NullSource
   /**
    * Path of an existing regular file the export is mounted on; it is covered while the export lives
    * and uncovered by `close()`. It may be the source image itself. Required.
@@ -179,6 +183,9 @@ function optionalEnum<T extends string>(
   return value as T
 }
 
+/** A string source with this prefix is a null backend (`'null:1G'`), as on the command line. */
+const NULL_PREFIX = 'null:'
+
 const UNIT_SHIFT: Record<string, bigint> = { '': 0n, k: 10n, m: 20n, g: 30n, t: 40n }
 const SIZE_PATTERN = /^(\d+)(?:([kKmMgGtT])(?:i|iB|B)?|B)?$/
 const MAX_SIZE = BigInt(Number.MAX_SAFE_INTEGER)
@@ -230,7 +237,9 @@ export function normalizeOptions(input: unknown): ResolvedFuseExportOptions {
 
   const rawSource = options.source
   let source: string | { null: number }
-  if (typeof rawSource === 'string') {
+  if (typeof rawSource === 'string' && rawSource.startsWith(NULL_PREFIX)) {
+    source = { null: parseSize(rawSource.slice(NULL_PREFIX.length)) }
+  } else if (typeof rawSource === 'string') {
     if (rawSource === '') throw invalid('option "source" must not be an empty path')
     source = resolve(rawSource)
   } else if (typeof rawSource === 'object' && rawSource !== null && !Array.isArray(rawSource)) {

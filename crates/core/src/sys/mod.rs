@@ -82,9 +82,11 @@ const FUSE_DEV_IOC_CLONE: libc::c_ulong = 0x8004_e500;
 /// Attaches the freshly opened `/dev/fuse` fd `clone` to the connection of `session`.
 pub fn fuse_clone_fd(clone: BorrowedFd<'_>, session: BorrowedFd<'_>) -> io::Result<()> {
     let master: u32 = session.as_raw_fd() as u32;
+    // The request parameter is `c_ulong` on glibc and `c_int` on musl: `as _` picks the libc's
+    // type (the value fits both; on musl it is the same 32 bits, as the kernel reads them).
     // SAFETY: FUSE_DEV_IOC_CLONE reads one u32 (the session fd) through the pointer, which points
     // to a live local; both fds are open for the duration of the call.
-    check(unsafe { libc::ioctl(clone.as_raw_fd(), FUSE_DEV_IOC_CLONE, &master as *const u32) })
+    check(unsafe { libc::ioctl(clone.as_raw_fd(), FUSE_DEV_IOC_CLONE as _, &master as *const u32) })
         .map(drop)
 }
 
@@ -178,7 +180,8 @@ pub fn recv_fd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&control);
+    // `size_t` on glibc, `socklen_t` on musl; 64 bytes fit either.
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
     let n = loop {
         // SAFETY: `msg` points to live buffers (`iov`, `control`) for the duration of the call.
         let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
@@ -358,9 +361,12 @@ pub fn install_wake_signal() -> io::Result<()> {
 /// pthread_t stays valid until then, even after it ended). Harmless if it already ended.
 pub fn wake_thread<T>(handle: &std::thread::JoinHandle<T>) {
     use std::os::unix::thread::JoinHandleExt;
+    // std's RawPthread is an integer; libc's pthread_t is one on glibc and a pointer on musl.
+    #[allow(clippy::unnecessary_cast)]
+    let thread = handle.as_pthread_t() as libc::pthread_t;
     // SAFETY: the pthread_t of an unjoined JoinHandle is valid (glibc reports ESRCH for a thread
     // that has ended); the signal has a do-nothing handler installed by install_wake_signal.
-    let _ = unsafe { libc::pthread_kill(handle.as_pthread_t(), wake_signal()) };
+    let _ = unsafe { libc::pthread_kill(thread, wake_signal()) };
 }
 
 /// An open-file-description (OFD) byte-range lock request: F_RDLCK, F_WRLCK or F_UNLCK.

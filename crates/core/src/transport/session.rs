@@ -141,7 +141,7 @@ impl Session {
         }
         // Every queue may sleep in a blocking read while idle, if close() can wake it.
         let idle = match sys::install_wake_signal() {
-            Ok(()) => fds.iter().map(|fd| clone_fd(fd).map(Some)).collect::<Result<Vec<_>>>(),
+            Ok(()) => idle_fds(&fds),
             Err(e) => {
                 log::warn!(
                     "cannot install the queues' wake-up signal ({e}); they wait through epoll"
@@ -423,14 +423,36 @@ fn kernel_queue_count() -> usize {
 }
 
 fn clone_fd(session: &OwnedFd) -> Result<OwnedFd> {
-    let dev = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-        .map_err(|e| Error::FuseDevice(format!("cannot open /dev/fuse for a queue: {e}")))?;
-    sys::fuse_clone_fd(dev.as_fd(), session.as_fd())
-        .map_err(|e| Error::FuseDevice(format!("failed to clone /dev/fuse fd: {e}")))?;
+    try_clone_fd(session)
+        .map_err(|e| Error::FuseDevice(format!("failed to clone /dev/fuse fd: {e}")))
+}
+
+fn try_clone_fd(session: &OwnedFd) -> std::io::Result<OwnedFd> {
+    let dev = OpenOptions::new().read(true).write(true).open("/dev/fuse").map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot open /dev/fuse for a queue: {e}"))
+    })?;
+    sys::fuse_clone_fd(dev.as_fd(), session.as_fd())?;
     Ok(dev.into())
+}
+
+/// One blocking clone per queue for idle reads. The clones are an optimisation: where the ioctl
+/// does not exist (ENOTTY/ENOSYS: an old kernel, or qemu-user, which does not emulate it), the
+/// queues wait through epoll instead. A one-queue export then needs no clone at all.
+fn idle_fds(fds: &[OwnedFd]) -> Result<Vec<Option<OwnedFd>>> {
+    let mut idle = Vec::with_capacity(fds.len());
+    for fd in fds {
+        match try_clone_fd(fd) {
+            Ok(clone) => idle.push(Some(clone)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY | libc::ENOSYS)) => {
+                log::warn!(
+                    "FUSE_DEV_IOC_CLONE is unavailable ({e}); the queues wait through epoll"
+                );
+                return Ok(fds.iter().map(|_| None).collect());
+            }
+            Err(e) => return Err(Error::FuseDevice(format!("failed to clone /dev/fuse fd: {e}"))),
+        }
+    }
+    Ok(idle)
 }
 
 /// Reads the kernel's INIT from the fresh session fd and answers it.
