@@ -7,7 +7,15 @@
  */
 import { parseArgs } from 'node:util'
 
-import type { AllowOther, CacheMode, ExportFormat, FuseExportOptions, IoUringMode, OnHalt } from './options.js'
+import type {
+  AllowOther,
+  CacheMode,
+  ExportFormat,
+  FuseExportOptions,
+  IoUringMode,
+  NbdOptions,
+  OnHalt,
+} from './options.js'
 
 /** A command line the CLI cannot make sense of; the CLI prints usage and exits 2. */
 export class UsageError extends Error {
@@ -53,9 +61,11 @@ export const EXPORT_USAGE = `Usage: blockfuse export [options] <source> <mountpo
 
 Export <source> on <mountpoint> (an existing regular file) until SIGINT, SIGTERM
 or SIGHUP, which drain in-flight requests and unmount.
-<source> is a path of an image (raw or qcow2), or null:<size> for a null backend
-that reads zeros (e.g. null:1G; units k, M, G, T are binary). Prints a line
-starting with "ready" once the export serves.
+<source> is a path of an image (raw or qcow2), an NBD URI (nbd://host[:port]/export,
+nbd+unix:///export?socket=PATH, with TLS nbds:// or nbds+unix://; see
+docs/remote.md), or null:<size> for a null backend that reads zeros (e.g.
+null:1G; units k, M, G, T are binary). Prints a line starting with "ready" once
+the export serves.
 
 Options:
   --writable                     allow writes (default: read-only)
@@ -71,6 +81,16 @@ Options:
                                  kernel offers it and --threads is 2 or more, else
                                  read(2) (default: auto)
   --on-halt unmount|keep         on a fatal protocol error: unmount (default) or keep
+  --tls-ca FILE                  NBD over TLS: PEM file of the server's CA
+                                 (default: the system's CA bundle)
+  --tls-cert FILE, --tls-key FILE
+                                 NBD over TLS: client certificate and its key
+  --tls-server-name NAME         NBD over TLS: name the server's certificate must
+                                 carry (default: the URI's host, or localhost)
+  --connect-timeout SECONDS      NBD: limit for connecting and the handshake
+                                 (default: 10)
+  --reconnect-delay SECONDS      NBD: how long requests wait for a lost connection
+                                 to come back before failing with EIO (default: 10)
   --json                         print one JSON object per line instead of text
   --stats                        report counters once a second while running: with
                                  --json a {"event":"stats",...} line on stdout
@@ -90,6 +110,12 @@ const EXPORT_OPTIONS = {
   writethrough: { type: 'boolean' },
   'io-uring': { type: 'string' },
   'on-halt': { type: 'string' },
+  'tls-ca': { type: 'string' },
+  'tls-cert': { type: 'string' },
+  'tls-key': { type: 'string' },
+  'tls-server-name': { type: 'string' },
+  'connect-timeout': { type: 'string' },
+  'reconnect-delay': { type: 'string' },
   json: { type: 'boolean' },
   stats: { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },
@@ -146,6 +172,23 @@ function parseExport(args: string[]): CliCommand {
     }
     options.threads = Number(values.threads)
   }
+  const nbd: NbdOptions = {}
+  if (values['tls-ca'] !== undefined) nbd.tlsCa = values['tls-ca']
+  if (values['tls-cert'] !== undefined) nbd.tlsCert = values['tls-cert']
+  if (values['tls-key'] !== undefined) nbd.tlsKey = values['tls-key']
+  if (values['tls-server-name'] !== undefined) nbd.tlsServerName = values['tls-server-name']
+  for (const [flag, key] of [
+    ['connect-timeout', 'connectTimeout'],
+    ['reconnect-delay', 'reconnectDelay'],
+  ] as const) {
+    const text = values[flag]
+    if (text === undefined) continue
+    if (!/^\d+(\.\d+)?$/.test(text)) {
+      throw new UsageError(`--${flag} must be a number of seconds, got "${text}"`, 'export')
+    }
+    nbd[key] = Number(text)
+  }
+  if (Object.keys(nbd).length > 0) options.nbd = nbd
   return { kind: 'export', options, json: values.json ?? false, stats: values.stats ?? false }
 }
 

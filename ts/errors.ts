@@ -30,6 +30,12 @@ export type NativeErrorCode =
   | 'CLOSE_FAILED'
   | 'IO_URING_UNAVAILABLE'
   | 'INTERNAL'
+  | 'NBD_URI_INVALID'
+  | 'NBD_CONNECT_FAILED'
+  | 'NBD_EXPORT_NOT_FOUND'
+  | 'NBD_TLS_FAILED'
+  | 'NBD_HANDSHAKE_FAILED'
+  | 'NBD_READ_ONLY'
 
 /**
  * Every code a {@link BlockfuseError} may carry. Open-ended so that a newer native core's codes pass

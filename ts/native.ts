@@ -24,6 +24,19 @@ export interface NativeExportConfig {
   writethrough: boolean
   /** 'auto' | 'on' | 'off' */
   ioUring: string
+  /** An NBD source (then `source` and `nullSize` are unset). */
+  nbd?: NativeNbdConfig
+}
+
+/** An NBD source as the native core takes it. */
+export interface NativeNbdConfig {
+  uri: string
+  tlsCa?: string
+  tlsCert?: string
+  tlsKey?: string
+  tlsServerName?: string
+  connectTimeoutMs: number
+  reconnectDelayMs: number
 }
 
 /** An asynchronous notification from the native core (today only `halt`). */
