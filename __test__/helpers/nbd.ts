@@ -58,10 +58,17 @@ export class NbdServer {
     return this.#child.exitCode === null && this.#child.signalCode === null
   }
 
-  /** Stops the server (SIGKILL: like a crash) and waits for it to be gone. */
+  /**
+   * Stops the server (SIGKILL: like a crash) and waits for it to be gone. nbdkit waits for its
+   * clients on SIGTERM; a server still running 2 s after another signal gets SIGKILL.
+   */
   async kill(signal: NodeJS.Signals = 'SIGKILL'): Promise<void> {
     if (this.running) this.#child.kill(signal)
+    const timer = setTimeout(() => {
+      if (this.running) this.#child.kill('SIGKILL')
+    }, 2000)
     await this.#exited
+    clearTimeout(timer)
   }
 }
 

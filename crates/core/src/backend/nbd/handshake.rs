@@ -253,10 +253,24 @@ fn handshake_err(uri: &NbdUri, e: impl std::fmt::Display) -> ConnectError {
     ConnectError::Handshake(format!("NBD handshake with {uri} failed: {e}"))
 }
 
+/// A failed read or write during option haggling. Over TLS it is most likely TLS's doing: with
+/// TLS 1.3 a server that refuses our certificate (or its absence) says so only after the
+/// handshake, by an alert or by closing.
+fn io_err(s: &Stream, uri: &NbdUri, e: io::Error) -> ConnectError {
+    if s.tls.is_some() {
+        ConnectError::Tls(format!(
+            "{uri}: the TLS session failed after the handshake: {e} (does the server require a \
+             client certificate?)"
+        ))
+    } else {
+        handshake_err(uri, e)
+    }
+}
+
 /// Reads one option reply for `option`: (reply type, payload).
 fn option_reply(s: &mut Stream, option: u32, uri: &NbdUri) -> Result<(u32, Vec<u8>), ConnectError> {
     let mut head = [0u8; 20];
-    s.read_exact(&mut head).map_err(|e| handshake_err(uri, e))?;
+    s.read_exact(&mut head).map_err(|e| io_err(s, uri, e))?;
     let r = proto::option_reply(&head).map_err(|e| handshake_err(uri, e))?;
     if r.option != option {
         return Err(handshake_err(uri, "option reply for another option"));
@@ -265,12 +279,12 @@ fn option_reply(s: &mut Stream, option: u32, uri: &NbdUri) -> Result<(u32, Vec<u
         return Err(handshake_err(uri, "option reply too long"));
     }
     let mut data = vec![0u8; r.len as usize];
-    s.read_exact(&mut data).map_err(|e| handshake_err(uri, e))?;
+    s.read_exact(&mut data).map_err(|e| io_err(s, uri, e))?;
     Ok((r.reply, data))
 }
 
 fn send_option(s: &mut Stream, opt: u32, data: &[u8], uri: &NbdUri) -> Result<(), ConnectError> {
-    s.write_all(&proto::option(opt, data)).map_err(|e| handshake_err(uri, e))
+    s.write_all(&proto::option(opt, data)).map_err(|e| io_err(s, uri, e))
 }
 
 /// Connects, negotiates and enters transmission.
