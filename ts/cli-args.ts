@@ -19,6 +19,7 @@ import {
   type FuseExportOptions,
   type IoUringMode,
   type LockingMode,
+  type NbdOptions,
   type OnHalt,
 } from './options.js'
 
@@ -66,9 +67,11 @@ export const EXPORT_USAGE = `Usage: blockfuse export [options] <source> <mountpo
 
 Export <source> on <mountpoint> (an existing regular file) until SIGINT, SIGTERM
 or SIGHUP, which drain in-flight requests and unmount.
-<source> is a path of an image (raw or qcow2), or null:<size> for a null backend
-that reads zeros (e.g. null:1G; units k, M, G, T are binary). Prints a line
-starting with "ready" once the export serves.
+<source> is a path of an image (raw or qcow2), an NBD URI (nbd://host[:port]/export,
+nbd+unix:///export?socket=PATH, with TLS nbds:// or nbds+unix://; see
+docs/remote.md), or null:<size> for a null backend that reads zeros (e.g.
+null:1G; units k, M, G, T are binary). Prints a line starting with "ready" once
+the export serves.
 
 Options:
   --writable                     allow writes (default: read-only)
@@ -88,6 +91,16 @@ Options:
   --force-share                  read-only: let others write the image meanwhile
                                  (qemu-img -U)
   --on-halt unmount|keep         on a fatal protocol error: unmount (default) or keep
+  --tls-ca FILE                  NBD over TLS: PEM file of the server's CA
+                                 (default: the system's CA bundle)
+  --tls-cert FILE, --tls-key FILE
+                                 NBD over TLS: client certificate and its key
+  --tls-server-name NAME         NBD over TLS: name the server's certificate must
+                                 carry (default: the URI's host, or localhost)
+  --connect-timeout SECONDS      NBD: limit for connecting and the handshake
+                                 (default: 10)
+  --reconnect-delay SECONDS      NBD: how long requests wait for a lost connection
+                                 to come back before failing with EIO (default: 10)
   --json                         print one JSON object per line instead of text
   --stats                        report counters once a second while running: with
                                  --json a {"event":"stats",...} line on stdout
@@ -109,6 +122,12 @@ const EXPORT_OPTIONS = {
   'on-halt': { type: 'string' },
   locking: { type: 'string' },
   'force-share': { type: 'boolean' },
+  'tls-ca': { type: 'string' },
+  'tls-cert': { type: 'string' },
+  'tls-key': { type: 'string' },
+  'tls-server-name': { type: 'string' },
+  'connect-timeout': { type: 'string' },
+  'reconnect-delay': { type: 'string' },
   json: { type: 'boolean' },
   stats: { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },
@@ -174,6 +193,23 @@ function parseExport(args: string[]): CliCommand {
     }
     options.threads = n
   }
+  const nbd: NbdOptions = {}
+  if (values['tls-ca'] !== undefined) nbd.tlsCa = values['tls-ca']
+  if (values['tls-cert'] !== undefined) nbd.tlsCert = values['tls-cert']
+  if (values['tls-key'] !== undefined) nbd.tlsKey = values['tls-key']
+  if (values['tls-server-name'] !== undefined) nbd.tlsServerName = values['tls-server-name']
+  for (const [flag, key] of [
+    ['connect-timeout', 'connectTimeout'],
+    ['reconnect-delay', 'reconnectDelay'],
+  ] as const) {
+    const text = values[flag]
+    if (text === undefined) continue
+    if (!/^\d+(\.\d+)?$/.test(text)) {
+      throw new UsageError(`--${flag} must be a number of seconds, got "${text}"`, 'export')
+    }
+    nbd[key] = Number(text)
+  }
+  if (Object.keys(nbd).length > 0) options.nbd = nbd
   checkCombination(options, sourceText)
   return { kind: 'export', options, json: values.json ?? false, stats: values.stats ?? false }
 }

@@ -19,13 +19,14 @@ import {
   toBlockfuseError,
   type NativeEvent,
   type NativeExport,
+  type NativeExportConfig,
 } from './native.js'
 import { resolveOptions, type FuseExportOptions, type ResolvedFuseExportOptions, type ServedFormat } from './options.js'
 import { claim, release } from './registry.js'
 
 export { BlockfuseError, isBlockfuseError } from './errors.js'
 export type { BlockfuseErrorCode, NativeErrorCode, PolicyErrorCode } from './errors.js'
-export { normalizeOptions, parseSize, MAX_THREADS } from './options.js'
+export { normalizeOptions, parseSize, isNbdUri, MAX_THREADS } from './options.js'
 export type {
   AllowOther,
   CacheMode,
@@ -33,7 +34,9 @@ export type {
   FuseExportOptions,
   IoUringMode,
   LockingMode,
+  NbdOptions,
   NullSource,
+  ResolvedNbdOptions,
   OnHalt,
   ResolvedFuseExportOptions,
   ServedFormat,
@@ -79,6 +82,24 @@ export interface ExportStats {
    * anything else means a client waited for an answer that never came.
    */
   lostReplies: number
+}
+
+/** The source part of the native configuration: a path, a null size or an NBD source. */
+function sourceConfig(resolved: ResolvedFuseExportOptions): Pick<NativeExportConfig, 'source' | 'nullSize' | 'nbd'> {
+  const { source, nbd } = resolved
+  if (typeof source !== 'string') return { nullSize: source.null }
+  if (nbd === undefined) return { source }
+  return {
+    nbd: {
+      uri: source,
+      ...(nbd.tlsCa !== undefined ? { tlsCa: nbd.tlsCa } : {}),
+      ...(nbd.tlsCert !== undefined ? { tlsCert: nbd.tlsCert } : {}),
+      ...(nbd.tlsKey !== undefined ? { tlsKey: nbd.tlsKey } : {}),
+      ...(nbd.tlsServerName !== undefined ? { tlsServerName: nbd.tlsServerName } : {}),
+      connectTimeoutMs: Math.round(nbd.connectTimeout * 1000),
+      reconnectDelayMs: Math.round(nbd.reconnectDelay * 1000),
+    },
+  }
 }
 
 function copyStats(stats: ExportStats): ExportStats {
@@ -183,7 +204,7 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
     try {
       const base = {
         format: resolved.format,
-        ...(typeof resolved.source === 'string' ? { source: resolved.source } : { nullSize: resolved.source.null }),
+        ...sourceConfig(resolved),
         mountpoint,
         writable: resolved.writable,
         growable: resolved.growable,

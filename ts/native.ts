@@ -28,6 +28,19 @@ export interface NativeExportConfig {
   /** 'auto' | 'on' | 'off' */
   locking: string
   forceShare: boolean
+  /** An NBD source (then `source` and `nullSize` are unset). */
+  nbd?: NativeNbdConfig
+}
+
+/** An NBD source as the native core takes it. */
+export interface NativeNbdConfig {
+  uri: string
+  tlsCa?: string
+  tlsCert?: string
+  tlsKey?: string
+  tlsServerName?: string
+  connectTimeoutMs: number
+  reconnectDelayMs: number
 }
 
 /** An asynchronous notification from the native core (today only `halt`). */

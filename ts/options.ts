@@ -44,20 +44,67 @@ export interface NullSource {
   null: number | bigint | string
 }
 
+/**
+ * How to use an NBD source (a `source` that is an NBD URI). Times are in seconds (fractions
+ * allowed). See docs/remote.md.
+ */
+export interface NbdOptions {
+  /** PEM file of the CA(s) that sign the server's certificate (`nbds://`). Default: the system's CA bundle. */
+  tlsCa?: string
+  /** PEM file of a client certificate, for servers that verify clients. Needs `tlsKey`. */
+  tlsCert?: string
+  /** PEM file of the client certificate's private key. Needs `tlsCert`. */
+  tlsKey?: string
+  /** The name the server's certificate must carry. Default: the URI's host (`localhost` for Unix sockets). */
+  tlsServerName?: string
+  /** Time limit for connecting and the handshake, at `create` and when reconnecting. Default: `10`. */
+  connectTimeout?: number
+  /**
+   * When the connection breaks, requests wait this long for blockfuse to reconnect (and are
+   * then retried) before failing with EIO; the export stays up and serves again once the server
+   * is back. `0` fails them at once. Default: `10`.
+   */
+  reconnectDelay?: number
+}
+
+/** The URI schemes of NBD sources. */
+const NBD_SCHEMES = ['nbd://', 'nbds://', 'nbd+unix://', 'nbds+unix://', 'nbd+tcp://', 'nbds+tcp://'] as const
+
+/** Whether a source string is an NBD URI rather than a path. */
+export function isNbdUri(source: string): boolean {
+  return NBD_SCHEMES.some((scheme) => source.startsWith(scheme))
+}
+
+/** {@link NbdOptions} after validation and defaults; paths are absolute. */
+export interface ResolvedNbdOptions {
+  readonly tlsCa?: string
+  readonly tlsCert?: string
+  readonly tlsKey?: string
+  readonly tlsServerName?: string
+  readonly connectTimeout: number
+  readonly reconnectDelay: number
+}
+
 /** Options of {@link FuseExport.create}. */
 export interface FuseExportOptions {
   /**
-   * Path of an image file (or block device), or a null backend: `{ null: size }` or the CLI's
-   * spelling `'null:<size>'` (e.g. `'null:1G'`; a file with such a name is given as `'./null:1G'`).
-   * Required.
+   * Path of an image file (or block device); an NBD URI (`nbd://host[:port]/export`,
+   * `nbd+unix:///export?socket=PATH`, TLS: `nbds://`, `nbds+unix://`; see docs/remote.md); or a
+   * null backend: `{ null: size }` or the CLI's spelling `'null:<size>'` (e.g. `'null:1G'`; a file
+   * with such a name is given as `'./null:1G'`). Required.
    */
   source: string | `null:${string}` | NullSource
+  /** For an NBD source: TLS files, timeouts and the reconnect window. */
+  nbd?: NbdOptions
   /**
    * Path of an existing regular file the export is mounted on; it is covered while the export lives
    * and uncovered by `close()`. It may be the source image itself. Required.
    */
   mountpoint: string
-  /** Image format. Default: `'null'` when `source` is `{ null }`, else `'auto'`. */
+  /**
+   * Image format. Default: `'null'` when `source` is `{ null }`, else `'auto'`. An NBD source
+   * takes `'raw'` or `'auto'` (which probes the export's first sector like a file's).
+   */
   format?: ExportFormat
   /** Allow writes through the export. Default: `false` (mounted read-only). */
   writable?: boolean
@@ -113,6 +160,8 @@ export interface FuseExportOptions {
 /** Options after validation and defaults; paths are absolute (real paths after {@link resolveOptions}). */
 export interface ResolvedFuseExportOptions {
   readonly source: string | { readonly null: number }
+  /** Set exactly when `source` is an NBD URI. */
+  readonly nbd?: ResolvedNbdOptions
   readonly mountpoint: string
   readonly format: ExportFormat
   readonly writable: boolean
@@ -132,6 +181,7 @@ export const MAX_THREADS = 64
 
 const KNOWN_OPTIONS = [
   'source',
+  'nbd',
   'mountpoint',
   'format',
   'writable',
@@ -237,7 +287,10 @@ export function normalizeOptions(input: unknown): ResolvedFuseExportOptions {
 
   const rawSource = options.source
   let source: string | { null: number }
-  if (typeof rawSource === 'string' && rawSource.startsWith(NULL_PREFIX)) {
+  const nbdSource = typeof rawSource === 'string' && isNbdUri(rawSource)
+  if (nbdSource) {
+    source = rawSource
+  } else if (typeof rawSource === 'string' && rawSource.startsWith(NULL_PREFIX)) {
     source = { null: parseSize(rawSource.slice(NULL_PREFIX.length)) }
   } else if (typeof rawSource === 'string') {
     if (rawSource === '') throw invalid('option "source" must not be an empty path')
@@ -281,11 +334,21 @@ export function normalizeOptions(input: unknown): ResolvedFuseExportOptions {
   if (format !== 'null' && isNull) {
     throw invalid(`option "format" is ${describe(format)} but "source" is a null backend; use a path`)
   }
+  if (nbdSource && format !== 'raw' && format !== 'auto') {
+    throw invalid(`option "format" is ${describe(format)} but an NBD source is served as "raw" or "auto"`)
+  }
+  if (options.nbd !== undefined && !nbdSource) {
+    throw invalid('option "nbd" is only for an NBD source (nbd://, nbds://, nbd+unix://, nbds+unix://)')
+  }
+  const nbd = nbdSource ? normalizeNbd(options.nbd) : undefined
 
   const writable = optionalBoolean(options, 'writable')
   const growable = optionalBoolean(options, 'growable')
   if (growable && !writable) {
     throw invalid('option "growable" needs "writable: true" (a read-only export cannot grow)')
+  }
+  if (growable && nbdSource) {
+    throw invalid('option "growable" cannot be used with an NBD source (its size is the server\'s)')
   }
 
   const forceShare = optionalBoolean(options, 'forceShare')
@@ -304,6 +367,7 @@ export function normalizeOptions(input: unknown): ResolvedFuseExportOptions {
 
   return {
     source,
+    ...(nbd ? { nbd } : {}),
     mountpoint,
     format,
     writable,
@@ -316,6 +380,58 @@ export function normalizeOptions(input: unknown): ResolvedFuseExportOptions {
     locking: optionalEnum<LockingMode>(options, 'locking', ['auto', 'on', 'off'], 'auto'),
     forceShare,
     onHalt: optionalEnum<OnHalt>(options, 'onHalt', ['unmount', 'keep'], 'unmount'),
+  }
+}
+
+const NBD_KEYS = ['tlsCa', 'tlsCert', 'tlsKey', 'tlsServerName', 'connectTimeout', 'reconnectDelay'] as const
+const MAX_SECONDS = 86400
+
+function normalizeNbd(input: unknown): ResolvedNbdOptions {
+  if (input === undefined) input = {}
+  if (typeof input !== 'object' || input === null || Array.isArray(input)) {
+    throw invalid(`option "nbd" must be an object, got ${describe(input)}`)
+  }
+  const nbd = input as Record<string, unknown>
+  for (const key of Object.keys(nbd)) {
+    if (!(NBD_KEYS as readonly string[]).includes(key)) {
+      throw invalid(`unknown option "nbd.${key}" (known: ${NBD_KEYS.join(', ')})`)
+    }
+  }
+  const path = (key: string): string | undefined => {
+    const value = nbd[key]
+    if (value === undefined) return undefined
+    if (typeof value !== 'string' || value === '') {
+      throw invalid(`option "nbd.${key}" must be a non-empty path, got ${describe(value)}`)
+    }
+    return resolve(value)
+  }
+  const seconds = (key: string, fallback: number): number => {
+    const value = nbd[key]
+    if (value === undefined) return fallback
+    if (typeof value !== 'number' || !Number.isFinite(value) || value < 0 || value > MAX_SECONDS) {
+      throw invalid(`option "nbd.${key}" must be a number of seconds from 0 to ${MAX_SECONDS}, got ${describe(value)}`)
+    }
+    return value
+  }
+  const tlsCert = path('tlsCert')
+  const tlsKey = path('tlsKey')
+  if ((tlsCert === undefined) !== (tlsKey === undefined)) {
+    throw invalid('options "nbd.tlsCert" and "nbd.tlsKey" go together: a client certificate needs its key')
+  }
+  const serverName = nbd.tlsServerName
+  if (serverName !== undefined && (typeof serverName !== 'string' || serverName === '')) {
+    throw invalid(`option "nbd.tlsServerName" must be a non-empty string, got ${describe(serverName)}`)
+  }
+  const connectTimeout = seconds('connectTimeout', 10)
+  if (connectTimeout === 0) throw invalid('option "nbd.connectTimeout" must be greater than 0')
+  const tlsCa = path('tlsCa')
+  return {
+    ...(tlsCa !== undefined ? { tlsCa } : {}),
+    ...(tlsCert !== undefined ? { tlsCert } : {}),
+    ...(tlsKey !== undefined ? { tlsKey } : {}),
+    ...(serverName !== undefined ? { tlsServerName: serverName } : {}),
+    connectTimeout,
+    reconnectDelay: seconds('reconnectDelay', 10),
   }
 }
 
@@ -480,7 +596,10 @@ async function resolveMountpoint(path: string): Promise<string> {
  */
 export async function resolveOptions(input: unknown): Promise<ResolvedFuseExportOptions> {
   const options = normalizeOptions(input)
-  const source = typeof options.source === 'string' ? await resolveSource(options.source) : options.source
+  const source =
+    typeof options.source === 'string' && options.nbd === undefined
+      ? await resolveSource(options.source)
+      : options.source
   const mountpoint = await resolveMountpoint(options.mountpoint)
   return { ...options, source, mountpoint }
 }

@@ -410,3 +410,93 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
     out.push(("seed-stream-faults".into(), stream(0x43, &faulty)));
     out
 }
+
+/// The `nbd_replies` target: one NBD request and the byte stream a server sends back, fed
+/// through the reply decoder and [`ReplyCheck`](blockfuse_core::backend::nbd::proto::ReplyCheck)
+/// exactly as a connection does. Any panic is a finding; every data or zero step must stay inside
+/// the request's buffer, and a successful READ must have covered all of it.
+///
+/// Input layout: byte 0 the request kind (0 READ, 1 BLOCK_STATUS, else plain) and bit 7
+/// structured replies; bytes 1..3 the length (u16, big endian, READ only); the rest the stream.
+pub fn run_nbd_reply(data: &[u8]) {
+    use blockfuse_core::backend::nbd::proto::{
+        chunk_header, reply_start, Answer, Expect, ReplyCheck, ReplyStart, Step,
+    };
+    const COOKIE: u64 = 0x1_0000_0001;
+    const OFFSET: u64 = 1 << 20;
+    if data.len() < 3 {
+        return;
+    }
+    let len = u16::from_be_bytes([data[1], data[2]]) as u32 + 1;
+    let expect = match data[0] & 0x7f {
+        0 => Expect::Read { offset: OFFSET, len },
+        1 => Expect::BlockStatus { context: 1 },
+        _ => Expect::Plain,
+    };
+    let read_len = if let Expect::Read { len, .. } = expect { len as usize } else { 0 };
+    let mut buf = vec![0u8; read_len];
+    let mut check = ReplyCheck::new(expect, data[0] & 0x80 != 0);
+    let mut stream = &data[3..];
+    let mut take = |n: usize| -> Option<Vec<u8>> {
+        if stream.len() < n {
+            return None;
+        }
+        let (head, rest) = stream.split_at(n);
+        stream = rest;
+        Some(head.to_vec())
+    };
+    while !check.is_done() {
+        let Some(head) = take(16) else { return };
+        let head: [u8; 16] = head.try_into().expect("16 bytes");
+        let header = match reply_start(&head) {
+            Ok(ReplyStart::Done(h)) => h,
+            Ok(ReplyStart::NeedLength { flags, ty, cookie }) => {
+                let Some(l) = take(4) else { return };
+                chunk_header(flags, ty, cookie, [l[0], l[1], l[2], l[3]])
+            }
+            Err(_) => return,
+        };
+        // A connection hands other cookies to their requests; here there are none.
+        if header.cookie() != COOKIE {
+            return;
+        }
+        let mut step = match check.header(&header) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        loop {
+            match step {
+                Step::Prefix(n) => {
+                    assert!(n <= 12, "prefixes are at most 12 bytes");
+                    let Some(p) = take(n) else { return };
+                    step = match check.prefix(&p) {
+                        Ok(s) => s,
+                        Err(_) => return,
+                    };
+                    continue;
+                }
+                Step::Data { at, len } => {
+                    assert!(at + len <= buf.len(), "data step outside the request");
+                    let Some(d) = take(len) else { return };
+                    buf[at..at + len].copy_from_slice(&d);
+                }
+                Step::Zero { at, len } => {
+                    assert!(at + len <= buf.len(), "zero step outside the request");
+                    buf[at..at + len].fill(0);
+                }
+                Step::Skip(n) => {
+                    if take(n as usize).is_none() {
+                        return;
+                    }
+                }
+                Step::Nothing => {}
+            }
+            break;
+        }
+    }
+    match check.answer() {
+        Ok(Answer::Extent(len, _)) => assert!(len > 0, "empty extent accepted"),
+        Ok(Answer::Error(e)) => assert!(e != 0, "error 0 accepted"),
+        Ok(Answer::Ok) | Err(_) => {}
+    }
+}

@@ -3,11 +3,14 @@
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use crate::backend::nbd::handshake::ConnectError;
+use crate::backend::nbd::{self, NbdOptions, OpenError, TlsFiles};
 use crate::backend::probe::{self, Probed};
 use crate::backend::{
-    refusal_of, Backend, BlockBackend, CacheMode, FaultBackend, FaultSpec, LockMode, NullBackend,
-    ProbedRaw, Qcow2Backend, Qcow2Options, RawBackend, RawOptions, MAX_IMAGE_SIZE,
+    refusal_of, Backend, BlockBackend, CacheMode, FaultBackend, FaultSpec, LockMode, NbdBackend,
+    NullBackend, ProbedRaw, Qcow2Backend, Qcow2Options, RawBackend, RawOptions, MAX_IMAGE_SIZE,
 };
 use crate::error::{Error, Result};
 use crate::export::{Export, ExportOptions};
@@ -25,6 +28,20 @@ pub enum Source {
     Auto(PathBuf),
     /// A disk of this many bytes that reads zeros and drops writes.
     Null(u64),
+    /// A disk on an NBD server.
+    Nbd(NbdSource),
+}
+
+/// An NBD source: the URI (`nbd://`, `nbd+unix://`, `nbds://`, `nbds+unix://`) and how to use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdSource {
+    pub uri: String,
+    /// `raw` serves the export's bytes; `auto` probes them like a file (a raw image found by
+    /// probing refuses first-sector writes that would make it look like another format).
+    pub probe: bool,
+    pub tls: TlsFiles,
+    pub connect_timeout: Duration,
+    pub reconnect_delay: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -147,11 +164,13 @@ fn open_export(cfg: &ExportConfig, faults: Option<FaultSpec>) -> Result<Export> 
         },
         Source::Null(0) => return Err(Error::InvalidConfig("a null backend needs a size".into())),
         Source::Null(len) => Backend::Null(NullBackend::new(*len)),
+        Source::Nbd(src) => open_nbd(src, cfg)?,
     };
     if backend.len() > MAX_IMAGE_SIZE {
         let what = match &cfg.source {
             Source::Raw(p) | Source::Qcow2(p) | Source::Auto(p) => p.display().to_string(),
             Source::Null(_) => "the null image".into(),
+            Source::Nbd(src) => src.uri.clone(),
         };
         return Err(Error::Refused {
             code: "IMAGE_TOO_LARGE",
@@ -177,4 +196,53 @@ fn open_export(cfg: &ExportConfig, faults: Option<FaultSpec>) -> Result<Export> 
         max_read: MAX_TRANSFER,
     };
     Ok(Export::new(backend, opts, uid, gid))
+}
+
+fn open_nbd(src: &NbdSource, cfg: &ExportConfig) -> Result<Backend> {
+    if cfg.growable {
+        return Err(Error::InvalidConfig(
+            "an NBD export has a fixed size; it cannot be growable".into(),
+        ));
+    }
+    let uri = nbd::uri::parse(&src.uri).map_err(|e| Error::NbdUri(format!("{}: {e}", src.uri)))?;
+    let opts = NbdOptions {
+        uri,
+        tls: src.tls.clone(),
+        writable: cfg.writable,
+        writethrough: cfg.writethrough,
+        connect_timeout: src.connect_timeout,
+        reconnect_delay: src.reconnect_delay,
+        connections: cfg.threads,
+    };
+    let backend = NbdBackend::open(&opts).map_err(|e| match e {
+        OpenError::ReadOnly(m) => Error::NbdReadOnly(m),
+        OpenError::Connect(ConnectError::Unreachable(m)) => Error::NbdConnect(m),
+        OpenError::Connect(ConnectError::UnknownExport(m)) => Error::NbdExportNotFound(m),
+        OpenError::Connect(ConnectError::Tls(m)) => Error::NbdTls(m),
+        OpenError::Connect(ConnectError::Handshake(m)) => Error::NbdHandshake(m),
+    })?;
+    if !src.probe {
+        return Ok(Backend::Nbd(backend));
+    }
+    let mut head = [0u8; probe::PROBE_SECTOR as usize];
+    let n = (probe::PROBE_SECTOR.min(backend.len())) as usize;
+    let read = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .and_then(|rt| rt.block_on(backend.read_at(&mut head[..n], 0)));
+    read.map_err(|e| {
+        Error::NbdHandshake(format!("cannot read the first sector of {}: {e}", src.uri))
+    })?;
+    match probe::probe_header(&head[..n]) {
+        Probed::Raw => Ok(Backend::ProbedNbd(ProbedRaw::new(backend))),
+        Probed::Qcow2 => Err(Error::InvalidConfig(format!(
+            "{} holds a qcow2 image, which blockfuse cannot serve from NBD yet; use format raw to \
+             export its bytes as they are, or let the server open it (qemu-nbd -f qcow2)",
+            src.uri
+        ))),
+        Probed::Other(name) => Err(Error::InvalidConfig(format!(
+            "{} looks like {name}, which blockfuse cannot read; use format raw to export its \
+             bytes as they are",
+            src.uri
+        ))),
+    }
 }

@@ -31,6 +31,24 @@ pub enum Error {
     /// `IMAGE_TOO_LARGE`, `IMAGE_DIRTY`, `IMAGE_CORRUPT`); the message names the image.
     #[error("{message}")]
     Refused { code: &'static str, message: String },
+    /// An NBD source's URI cannot be used.
+    #[error("invalid NBD URI: {0}")]
+    NbdUri(String),
+    /// The NBD server cannot be reached (refused, unreachable, timed out).
+    #[error("{0}")]
+    NbdConnect(String),
+    /// The NBD server has no such export.
+    #[error("{0}")]
+    NbdExportNotFound(String),
+    /// TLS with the NBD server failed (files, certificates, server requires TLS).
+    #[error("{0}")]
+    NbdTls(String),
+    /// The NBD server broke or refused the handshake.
+    #[error("{0}")]
+    NbdHandshake(String),
+    /// A writable export of a read-only NBD export.
+    #[error("{0}")]
+    NbdReadOnly(String),
 }
 
 impl Error {
@@ -49,6 +67,12 @@ impl Error {
             Error::IoUring(_) => "IO_URING_UNAVAILABLE",
             Error::Internal(_) => "INTERNAL",
             Error::Refused { code, .. } => code,
+            Error::NbdUri(_) => "NBD_URI_INVALID",
+            Error::NbdConnect(_) => "NBD_CONNECT_FAILED",
+            Error::NbdExportNotFound(_) => "NBD_EXPORT_NOT_FOUND",
+            Error::NbdTls(_) => "NBD_TLS_FAILED",
+            Error::NbdHandshake(_) => "NBD_HANDSHAKE_FAILED",
+            Error::NbdReadOnly(_) => "NBD_READ_ONLY",
         }
     }
 }

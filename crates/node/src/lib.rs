@@ -6,8 +6,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use blockfuse_core::backend::nbd::TlsFiles;
 use blockfuse_core::backend::{BlockBackend, CacheMode, FaultSpec, LockMode};
-use blockfuse_core::config::{self, ExportConfig, Source};
+use blockfuse_core::config::{self, ExportConfig, NbdSource, Source};
 use blockfuse_core::transport::{IoUringMode, Session, SessionEvent};
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
@@ -78,6 +79,19 @@ pub struct NativeExportConfig {
     /// 'auto' | 'on' | 'off'
     pub locking: String,
     pub force_share: bool,
+    /// An NBD source (then `source` and `nullSize` are unset; format is 'raw' or 'auto').
+    pub nbd: Option<NativeNbdConfig>,
+}
+
+#[napi(object)]
+pub struct NativeNbdConfig {
+    pub uri: String,
+    pub tls_ca: Option<String>,
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    pub tls_server_name: Option<String>,
+    pub connect_timeout_ms: f64,
+    pub reconnect_delay_ms: f64,
 }
 
 #[napi(object)]
@@ -95,18 +109,45 @@ fn to_core(c: NativeExportConfig) -> Result<ExportConfig> {
             .map(PathBuf::from)
             .ok_or_else(|| invalid(format!("format {format} needs a source path")))
     };
-    let source = match c.format.as_str() {
-        "raw" => Source::Raw(path("raw", c.source)?),
-        "qcow2" => Source::Qcow2(path("qcow2", c.source)?),
-        "auto" => Source::Auto(path("auto", c.source)?),
-        "null" => {
-            let size = c.null_size.ok_or_else(|| invalid("format null needs nullSize".into()))?;
-            if !(size >= 1.0 && size.fract() == 0.0 && size <= 9_007_199_254_740_991.0) {
-                return Err(invalid(format!("nullSize must be a positive integer, not {size}")));
-            }
-            Source::Null(size as u64)
+    let millis = |what: &str, ms: f64| {
+        if ms.is_finite() && (0.0..=86_400_000.0).contains(&ms) {
+            Ok(std::time::Duration::from_millis(ms as u64))
+        } else {
+            Err(invalid(format!("{what} must be between 0 and 86400000 ms, not {ms}")))
         }
-        other => return Err(invalid(format!("unknown format {other:?}"))),
+    };
+    let source = match (c.format.as_str(), c.nbd) {
+        (format @ ("raw" | "auto"), Some(n)) => Source::Nbd(NbdSource {
+            uri: n.uri,
+            probe: format == "auto",
+            tls: TlsFiles {
+                ca: n.tls_ca.map(PathBuf::from),
+                cert: n.tls_cert.map(PathBuf::from),
+                key: n.tls_key.map(PathBuf::from),
+                server_name: n.tls_server_name,
+            },
+            connect_timeout: millis("connectTimeout", n.connect_timeout_ms)?,
+            reconnect_delay: millis("reconnectDelay", n.reconnect_delay_ms)?,
+        }),
+        (other, Some(_)) => {
+            return Err(invalid(format!("format {other} cannot be used with an NBD source")))
+        }
+        (format, None) => match format {
+            "raw" => Source::Raw(path("raw", c.source)?),
+            "qcow2" => Source::Qcow2(path("qcow2", c.source)?),
+            "auto" => Source::Auto(path("auto", c.source)?),
+            "null" => {
+                let size =
+                    c.null_size.ok_or_else(|| invalid("format null needs nullSize".into()))?;
+                if !(size >= 1.0 && size.fract() == 0.0 && size <= 9_007_199_254_740_991.0) {
+                    return Err(invalid(format!(
+                        "nullSize must be a positive integer, not {size}"
+                    )));
+                }
+                Source::Null(size as u64)
+            }
+            other => return Err(invalid(format!("unknown format {other:?}"))),
+        },
     };
     let cache = match c.cache.as_str() {
         "writeback" => CacheMode::Writeback,

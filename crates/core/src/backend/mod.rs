@@ -7,6 +7,7 @@ pub mod fault;
 mod file_io;
 pub mod lock;
 mod memory;
+pub mod nbd;
 mod null;
 pub mod probe;
 mod qcow2;
@@ -16,6 +17,7 @@ mod raw;
 pub use fault::{FaultBackend, FaultSpec};
 pub use lock::LockMode;
 pub use memory::MemoryBackend;
+pub use nbd::{NbdBackend, NbdOptions};
 pub use null::NullBackend;
 pub use probe::ProbedRaw;
 pub use qcow2::{Qcow2Backend, Qcow2Options};
@@ -97,8 +99,12 @@ pub enum Backend {
     Null(NullBackend),
     Memory(MemoryBackend),
     Qcow2(Qcow2Backend),
+    /// A disk on an NBD server.
+    Nbd(NbdBackend),
     /// A raw image found by probing: first-sector writes are checked (see `probe`).
     ProbedRaw(ProbedRaw),
+    /// An NBD export probed as raw: first-sector writes are checked like a file's.
+    ProbedNbd(ProbedRaw<NbdBackend>),
     /// Test only: another backend with injected errors and latency (see `fault`).
     Fault(FaultBackend),
 }
@@ -109,6 +115,7 @@ impl Backend {
     pub fn format_name(&self) -> &'static str {
         match self {
             Backend::Raw(_) | Backend::ProbedRaw(_) => "raw",
+            Backend::Nbd(_) | Backend::ProbedNbd(_) => "raw",
             Backend::Null(_) => "null",
             Backend::Memory(_) => "memory",
             Backend::Qcow2(_) => "qcow2",
@@ -124,7 +131,9 @@ macro_rules! dispatch {
             Backend::Null($b) => $e,
             Backend::Memory($b) => $e,
             Backend::Qcow2($b) => $e,
+            Backend::Nbd($b) => $e,
             Backend::ProbedRaw($b) => $e,
+            Backend::ProbedNbd($b) => $e,
             Backend::Fault($b) => $e,
         }
     };

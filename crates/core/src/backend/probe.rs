@@ -72,15 +72,15 @@ pub fn probe_file(path: &Path) -> io::Result<Probed> {
 /// A raw image that was found by probing. Writes touching the first sector are serialised and
 /// checked: one that would leave a sector that probes as anything but raw fails with EPERM.
 /// Everything else goes straight to the raw backend.
-pub struct ProbedRaw {
-    inner: RawBackend,
+pub struct ProbedRaw<B = RawBackend> {
+    inner: B,
     /// Held across check and write, so two partial writes cannot assemble a magic together.
     first_sector: tokio::sync::Mutex<()>,
     warned: AtomicBool,
 }
 
-impl ProbedRaw {
-    pub fn new(inner: RawBackend) -> Self {
+impl<B: BlockBackend> ProbedRaw<B> {
+    pub fn new(inner: B) -> Self {
         ProbedRaw {
             inner,
             first_sector: tokio::sync::Mutex::new(()),
@@ -119,7 +119,7 @@ impl ProbedRaw {
     }
 }
 
-impl BlockBackend for ProbedRaw {
+impl<B: BlockBackend> BlockBackend for ProbedRaw<B> {
     fn len(&self) -> u64 {
         self.inner.len()
     }

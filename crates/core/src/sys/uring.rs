@@ -439,3 +439,48 @@ impl Ring {
         Some(result(op.await).map(drop))
     }
 }
+
+impl Ring {
+    /// One recv(2) into `buf` from a socket; with `wait_all`, until `buf` is full unless the
+    /// stream ends or fails. May be short (0 = the peer closed).
+    pub async fn recv(
+        self: &Rc<Self>,
+        fd: BorrowedFd<'_>,
+        buf: &mut [u8],
+        wait_all: bool,
+    ) -> Option<io::Result<usize>> {
+        let len = buf.len().min(u32::MAX as usize) as u32;
+        let flags = if wait_all { libc::MSG_WAITALL } else { 0 };
+        let entry = opcode::Recv::new(types::Fd(fd.as_raw_fd()), buf.as_mut_ptr(), len)
+            .flags(flags)
+            .build();
+        // SAFETY: as in read_at.
+        let op = unsafe { self.submit(entry, Submission::Batched) }?;
+        Some(result(op.await))
+    }
+
+    /// One sendmsg(2) of `first` then `second` on a socket; may be short.
+    pub async fn send2(
+        self: &Rc<Self>,
+        fd: BorrowedFd<'_>,
+        first: &[u8],
+        second: &[u8],
+    ) -> Option<io::Result<usize>> {
+        let iov = [
+            libc::iovec { iov_base: first.as_ptr() as *mut libc::c_void, iov_len: first.len() },
+            libc::iovec { iov_base: second.as_ptr() as *mut libc::c_void, iov_len: second.len() },
+        ];
+        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = if second.is_empty() { 1 } else { 2 };
+        let entry = opcode::SendMsg::new(types::Fd(fd.as_raw_fd()), &msg)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build();
+        // SAFETY: `msg`, `iov` and the buffers they point to live in this async fn's frame or
+        // are borrowed for its whole life; the Op is awaited in place and its Drop waits for
+        // completion if this future is dropped early.
+        let op = unsafe { self.submit(entry, Submission::Batched) }?;
+        Some(result(op.await))
+    }
+}
