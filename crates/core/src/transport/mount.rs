@@ -71,6 +71,9 @@ pub struct Claim {
     _file: Option<std::fs::File>,
 }
 
+/// How long a claim waits for a busy mountpoint lock (see [`claim`]).
+const CLAIM_PATIENCE: Duration = Duration::from_millis(500);
+
 /// Claims `path` for one export (see [`Claim`]), or fails with `MOUNTPOINT_IN_USE`.
 pub fn claim(path: &Path) -> Result<Claim> {
     let open = |read: bool| OpenOptions::new().read(read).write(!read).open(path);
@@ -91,8 +94,19 @@ pub fn claim(path: &Path) -> Result<Claim> {
         }
     };
     if let Some(f) = &file {
-        let locked = sys::try_lock_exclusive(f.as_fd())
-            .map_err(|e| Error::Mount(format!("cannot lock mountpoint {}: {e}", path.display())))?;
+        // A lock can be held for a moment by a process being started elsewhere in this process
+        // (fork copies every fd; CLOEXEC closes them only at exec), after its export has already
+        // closed; so a busy lock is tried again for a short while before it means "in use".
+        let deadline = Instant::now() + CLAIM_PATIENCE;
+        let locked = loop {
+            let locked = sys::try_lock_exclusive(f.as_fd()).map_err(|e| {
+                Error::Mount(format!("cannot lock mountpoint {}: {e}", path.display()))
+            })?;
+            if locked || Instant::now() >= deadline {
+                break locked;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         if !locked {
             return Err(Error::MountpointInUse(
                 path.to_path_buf(),
