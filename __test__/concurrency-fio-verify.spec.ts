@@ -14,7 +14,7 @@ import test from 'ava'
 import { assertE2eEnvironment } from './helpers/env.js'
 import { imageFixture } from './helpers/exports.js'
 import { MiB, sha256 } from './helpers/files.js'
-import { parseFioReport } from './helpers/fio.js'
+import { fioVerifyArgs, parseFioReport } from './helpers/fio.js'
 import { run } from './helpers/run.js'
 import { C_ENV, openExport } from './helpers/semantics.js'
 
@@ -41,28 +41,10 @@ for (const [threads, ioUring] of [
       t.is(exp.ioUring, ioUring === 'on')
       const output = join(f.dir, 'fio.json')
       const started = Date.now()
-      const r = await run(
-        'fio',
-        [
-          '--name=verify',
-          `--filename=${f.mountpoint}`,
-          '--rw=randwrite',
-          '--bs=4k',
-          '--direct=1',
-          '--ioengine=libaio',
-          '--iodepth=16',
-          `--numjobs=${JOBS}`,
-          `--size=${HALF}`,
-          `--offset_increment=${HALF}`,
-          '--verify=crc32c',
-          '--do_verify=1',
-          '--verify_fatal=1',
-          '--verify_state_save=0',
-          '--output-format=json',
-          `--output=${output}`,
-        ],
-        { cwd: f.dir, env: C_ENV },
-      )
+      const r = await run('fio', fioVerifyArgs({ filename: f.mountpoint, jobs: JOBS, size: HALF, output }), {
+        cwd: f.dir,
+        env: C_ENV,
+      })
       t.log(`fio took ${Date.now() - started} ms`)
       const report = await readFile(output, 'utf8').catch(() => '')
       t.is(r.code, 0, `fio failed:\n${r.stdout}\n${r.stderr}\n${report}`)

@@ -15,7 +15,7 @@ import test from 'ava'
 import { FuseExport } from '../ts/index.js'
 import { assertE2eEnvironment } from './helpers/env.js'
 import { KiB, MiB, makeImage, makeMountpoint, tempDir } from './helpers/files.js'
-import { parseFioReport } from './helpers/fio.js'
+import { fioVerifyArgs, parseFioReport } from './helpers/fio.js'
 import { chunk, freePort, nbdkit, qemuNbd, scriptedServer, type Listen } from './helpers/nbd.js'
 import { client, C_ENV, mustClient, openExport, seekProbes, sizeOf } from './helpers/semantics.js'
 import { run } from './helpers/run.js'
@@ -116,24 +116,7 @@ for (const threads of [1, 2]) {
     const output = d.path('fio.json')
     const r = await run(
       'fio',
-      [
-        '--name=verify',
-        `--filename=${d.mountpoint}`,
-        '--rw=randwrite',
-        '--bs=4k',
-        '--direct=1',
-        '--ioengine=libaio',
-        '--iodepth=16',
-        '--numjobs=2',
-        `--size=${16 * MiB}`,
-        `--offset_increment=${32 * MiB}`,
-        '--verify=crc32c',
-        '--do_verify=1',
-        '--verify_fatal=1',
-        '--verify_state_save=0',
-        '--output-format=json',
-        `--output=${output}`,
-      ],
+      fioVerifyArgs({ filename: d.mountpoint, jobs: 2, size: 16 * MiB, offsetIncrement: 32 * MiB, output }),
       { env: C_ENV },
     )
     t.is(r.code, 0, `fio failed: ${r.stderr}`)

@@ -11,7 +11,7 @@ import test from 'ava'
 
 import { assertE2eEnvironment } from './helpers/env.js'
 import { KiB, MiB, sha256 } from './helpers/files.js'
-import { parseFioReport } from './helpers/fio.js'
+import { fioVerifyArgs, parseFioReport } from './helpers/fio.js'
 import {
   assertClean,
   assertIdentical,
@@ -116,28 +116,10 @@ for (const threads of [1, 4]) {
         threads,
       })
       const output = d.path('fio.json')
-      const r = await run(
-        'fio',
-        [
-          '--name=verify',
-          `--filename=${d.mountpoint}`,
-          '--rw=randwrite',
-          '--bs=4k',
-          '--direct=1',
-          '--ioengine=libaio',
-          '--iodepth=16',
-          '--numjobs=2',
-          `--size=${SIZE / 2}`,
-          `--offset_increment=${SIZE / 2}`,
-          '--verify=crc32c',
-          '--do_verify=1',
-          '--verify_fatal=1',
-          '--verify_state_save=0',
-          '--output-format=json',
-          `--output=${output}`,
-        ],
-        { cwd: d.dir, env: C_ENV },
-      )
+      const r = await run('fio', fioVerifyArgs({ filename: d.mountpoint, jobs: 2, size: SIZE / 2, output }), {
+        cwd: d.dir,
+        env: C_ENV,
+      })
       const report = parseFioReport(await readFile(output, 'utf8').catch(() => r.stdout))
       t.is(r.code, 0, `fio exited ${r.code}:\n${r.stderr}`)
       for (const job of report.jobs) {
