@@ -4,7 +4,7 @@
  * or the L2 table itself. As QEMU does: the write fails with EIO, nothing is written, the image is
  * marked corrupt, and the export keeps serving reads.
  */
-import { open } from 'node:fs/promises'
+import { copyFile, open } from 'node:fs/promises'
 import { join } from 'node:path'
 
 import test, { type ExecutionContext } from 'ava'
@@ -123,4 +123,52 @@ test('v2 (compat 0.10) images are protected too (no corrupt bit to set: writes f
   t.is((err as NodeJS.ErrnoException | undefined)?.code, 'EIO')
   t.true((await peek(f.image, f.l1, CLUSTER)).equals(before))
   await fh.close()
+})
+
+test('an L2 entry pointing at a free cluster that later becomes a new L2 table: the write through it fails with EIO', async (t) => {
+  // 2 GiB: guest offset 1 GiB needs a second L2 table (one covers 512 MiB with 64 KiB clusters).
+  const dir = await tempDir(t)
+  const image = join(dir, 'd.qcow2')
+  const mnt = join(dir, 'm')
+  await makeMountpoint(mnt)
+  await createQcow2(image, 2048 * MiB)
+  await qemuIo(image, 'qcow2', 'write -P 0x11 0 64k')
+  // Where the second L2 table goes: found on a copy, with the same writes through an export.
+  const probe = join(dir, 'probe.qcow2')
+  await copyFile(image, probe)
+  const probeExp = await openExport(t, { source: probe, mountpoint: mnt, writable: true })
+  const p = await open(mnt, 'r+')
+  await p.write(Buffer.alloc(4096, 0x33), 0, 4096, 1024 * MiB)
+  await p.sync()
+  await p.close()
+  await probeExp.close()
+  const l1 = await readBe64(image, 40)
+  const newL2 = (await readBe64(probe, l1 + 2n * 8n)) & 0x00ff_ffff_ffff_fe00n
+  t.not(newL2, 0n, 'the write at 1 GiB allocated an L2 table')
+  // Guest cluster 1 (not allocated) now "lives" on that cluster, which is free at open.
+  const l2 = (await readBe64(image, l1)) & 0x00ff_ffff_ffff_fe00n
+  await patch(image, l2 + 8n, be64(COPIED | newL2))
+
+  await openExport(t, { source: image, mountpoint: mnt, writable: true })
+  const fh = await open(mnt, 'r+')
+  t.teardown(() => fh.close().catch(() => undefined))
+  await fh.write(Buffer.alloc(4096, 0x33), 0, 4096, 1024 * MiB)
+  await fh.sync()
+  t.is(
+    (await readBe64(image, l1 + 2n * 8n)) & 0x00ff_ffff_ffff_fe00n,
+    newL2,
+    'the new L2 table is where the copy had it',
+  )
+  const tableBefore = await peek(image, newL2, CLUSTER)
+  const err = await t.throwsAsync(async () => {
+    await fh.write(Buffer.alloc(CLUSTER, 0xee), 0, CLUSTER, CLUSTER)
+    await fh.sync()
+  })
+  t.is((err as NodeJS.ErrnoException | undefined)?.code, 'EIO', String(err))
+  t.true((await peek(image, newL2, CLUSTER)).equals(tableBefore), 'the new L2 table is untouched')
+  const back = Buffer.alloc(4096)
+  await fh.read(back, 0, 4096, 1024 * MiB)
+  t.true(back.equals(Buffer.alloc(4096, 0x33)), 'the data behind the new L2 table reads back')
+  await fh.close()
+  t.is(await corruptFlag(image), true, 'the corrupt bit is set')
 })

@@ -160,6 +160,9 @@ pub struct Qcow2Backend {
     /// Re-read from the file when it may be stale: after a resize (which may move the L1
     /// table) and before a suspected overlap is reported (freed metadata is reused for data).
     metadata: Option<std::sync::RwLock<MetadataMap>>,
+    /// Writable only: tells when imago wrote the L1 or refcount table (a new L2 table or
+    /// refcount block was allocated), so the map is refreshed before the next write is checked.
+    tables: Option<Arc<TableWatch>>,
     /// Set once a write was stopped from overwriting metadata: the image is marked corrupt and
     /// every later write fails (QEMU makes the node read-only the same way).
     corrupt: AtomicBool,
@@ -241,6 +244,8 @@ impl Qcow2Backend {
         // the bits, so they are hidden from it while it opens the chain.
         let window = Arc::new(AtomicBool::new(true));
         top_storage.hide_dirty_and_corrupt(&window, opts.writable);
+        let tables = metadata.is_some().then(|| Arc::new(TableWatch::new(&header.layout)));
+        top_storage.tables = tables.clone();
         if corrupt {
             log::warn!(
                 "{}: the qcow2 image is marked corrupt; serving it read-only; {}",
@@ -289,6 +294,7 @@ impl Qcow2Backend {
             alignment,
             top_path: path.to_path_buf(),
             metadata,
+            tables,
             corrupt: AtomicBool::new(false),
             _locks: locks,
         })
@@ -317,6 +323,9 @@ impl Qcow2Backend {
         let mut rechecked = false;
         while !buf.is_empty() {
             let mapping = image.prepare_data_mapping(offset, buf.len() as u64, true).await?;
+            // Preparing may have allocated an L2 table or refcount block (over a cluster a
+            // damaged L2 entry points at, say): the map must know it before the check.
+            self.refresh_if_tables_changed()?;
             let (storage, host, n) = (mapping.storage(), mapping.offset(), mapping.length());
             if storage.path == self.top_path {
                 if let Some(kind) = self.overlap(host, n) {
@@ -365,10 +374,25 @@ impl Qcow2Backend {
     /// Re-reads the metadata map from the image file.
     fn refresh_metadata(&self) -> io::Result<()> {
         let Some(map) = &self.metadata else { return Ok(()) };
+        if let Some(tables) = &self.tables {
+            // Cleared first: a table written while this reads is seen by the next check.
+            tables.changed.store(false, Ordering::Release);
+        }
         let header = HeaderInfo::read(&self.top_path)?;
         let fresh = MetadataMap::read(&File::open(&self.top_path)?, &header.layout)?;
         *map.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        if let Some(tables) = &self.tables {
+            tables.watch(&header.layout);
+        }
         Ok(())
+    }
+
+    /// Refreshes the metadata map if imago wrote the L1 or refcount table since the last time.
+    fn refresh_if_tables_changed(&self) -> io::Result<()> {
+        match &self.tables {
+            Some(tables) if tables.changed.load(Ordering::Acquire) => self.refresh_metadata(),
+            _ => Ok(()),
+        }
     }
 
     /// Makes a range read zeros without deallocating it: zero clusters on v3; on v2, which has
@@ -412,6 +436,7 @@ impl Qcow2Backend {
             if n == 0 {
                 break;
             }
+            self.refresh_if_tables_changed()?;
             if let Mapping::Raw { storage, offset: host, .. } = mapping {
                 if storage.path == self.top_path {
                     if let Some(kind) = self.overlap(host, n) {
@@ -719,6 +744,50 @@ pub struct ImageFile {
     /// Read-only qcow2 v3 files: the dirty and corrupt bits of the header, hidden from reads
     /// while the window is open (imago refuses them; QEMU reads such images).
     hide: Option<(u8, Arc<AtomicBool>)>,
+    /// The top file of a writable image: its writes to the L1 and refcount tables are noted.
+    tables: Option<Arc<TableWatch>>,
+}
+
+/// Where the L1 and refcount tables of the top file are, and whether they were written since the
+/// metadata map was last read. Every write of the top file checks the two ranges (four relaxed
+/// loads); the tables are written only when imago allocates an L2 table or a refcount block.
+struct TableWatch {
+    l1: (AtomicU64, AtomicU64),
+    refcount_table: (AtomicU64, AtomicU64),
+    changed: AtomicBool,
+}
+
+impl TableWatch {
+    fn new(layout: &super::qcow2_overlap::Layout) -> Self {
+        let w = TableWatch {
+            l1: (AtomicU64::new(0), AtomicU64::new(0)),
+            refcount_table: (AtomicU64::new(0), AtomicU64::new(0)),
+            changed: AtomicBool::new(false),
+        };
+        w.watch(layout);
+        w
+    }
+
+    /// Watches the tables where `layout` puts them (they move when the image grows).
+    fn watch(&self, layout: &super::qcow2_overlap::Layout) {
+        let set = |(start, end): &(AtomicU64, AtomicU64), offset: u64, len: u64| {
+            start.store(offset, Ordering::Relaxed);
+            end.store(offset + len, Ordering::Relaxed);
+        };
+        set(&self.l1, layout.l1_offset, u64::from(layout.l1_size) * 8);
+        let rt_len = u64::from(layout.refcount_table_clusters) << layout.cluster_bits;
+        set(&self.refcount_table, layout.refcount_table_offset, rt_len);
+    }
+
+    /// Notes a write of `len` bytes at `offset` if it touches either table.
+    fn note_write(&self, offset: u64, len: u64) {
+        let hits = |(start, end): &(AtomicU64, AtomicU64)| {
+            offset < end.load(Ordering::Relaxed) && offset + len > start.load(Ordering::Relaxed)
+        };
+        if hits(&self.l1) || hits(&self.refcount_table) {
+            self.changed.store(true, Ordering::Release);
+        }
+    }
 }
 
 impl fmt::Debug for ImageFile {
@@ -824,7 +893,16 @@ impl Storage for ImageFile {
         };
         let submission = file_io::submission_for(opts.get_direct());
         let helper = CommonStorageHelper::default();
-        Ok(ImageFile { file, path, mem_align, req_align, submission, helper, hide: None })
+        Ok(ImageFile {
+            file,
+            path,
+            mem_align,
+            req_align,
+            submission,
+            helper,
+            hide: None,
+            tables: None,
+        })
     }
 
     fn mem_align(&self) -> usize {
@@ -873,6 +951,9 @@ impl Storage for ImageFile {
         for slice in bufv.into_inner() {
             self.pwrite_full(&slice, pos).await?;
             pos += slice.len() as u64;
+        }
+        if let Some(tables) = &self.tables {
+            tables.note_write(offset, pos - offset);
         }
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! The qcow2 metadata a guest write must never overwrite (QEMU's `qcow2_check_metadata_overlap`
 //! with its default checks): header, active L1 table, refcount table, refcount blocks, active L2
-//! tables, snapshot table and the snapshots' L1 tables. Read from the image file at open; new
-//! metadata allocated afterwards comes from clusters the refcounts say are free, which is why a
+//! tables, snapshot table and the snapshots' L1 tables. Read from the image file at open and again
+//! whenever the qcow2 backend learns that imago wrote the L1 or refcount table (a new L2 table or
+//! refcount block). New metadata comes from clusters the refcounts say are free, which is why a
 //! writable open refuses an image whose metadata clusters have refcount 0. Pure reads with
 //! positional I/O; no imago.
 
