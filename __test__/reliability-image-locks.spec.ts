@@ -10,9 +10,10 @@ import { join } from 'node:path'
 import test, { type ExecutionContext } from 'ava'
 
 import { FuseExport, isBlockfuseError, type BlockfuseErrorCode } from '../ts/index.js'
-import { assertCliBuilt, CliProcess } from './helpers/cli.js'
+import { assertCliBuilt, CliProcess, runCli } from './helpers/cli.js'
 import { assertE2eEnvironment } from './helpers/env.js'
 import { makeImage, makeMountpoint, MiB, tempDir } from './helpers/files.js'
+import { serveWithoutLocks } from './helpers/lockless-fs.js'
 import { assertClean, createQcow2, qemuIo } from './helpers/qcow2.js'
 import { client, openExport } from './helpers/semantics.js'
 
@@ -203,4 +204,31 @@ test("locking: 'off' takes and checks no locks; forceShare on a writable export 
     FuseExport.create({ source: f.image, mountpoint: f.m2, writable: true, forceShare: true }),
   )
   t.true(isBlockfuseError(err, 'INVALID_OPTION'), String(err))
+})
+
+test("locking: 'auto' serves an image on a file system without locks, with a warning; 'on' refuses it", async (t) => {
+  const f = await fixture(t, 'raw')
+  // The image as seen through a file system that answers every lock request ENOLCK.
+  const lockless = join(f.dir, 'lockless.raw')
+  await makeMountpoint(lockless)
+  await serveWithoutLocks(t, f.image, lockless)
+
+  const on = await t.throwsAsync(
+    FuseExport.create({ source: lockless, mountpoint: f.m1, writable: true, locking: 'on' }),
+  )
+  t.true(isBlockfuseError(on, 'SOURCE_OPEN_FAILED'), String(on))
+  t.regex(on?.message ?? '', /failed to lock byte 100: No locks available/)
+  t.regex(on?.message ?? '', /may not support OFD locks .*'auto'/)
+
+  const cli = new CliProcess(['export', '--writable', lockless, f.m1])
+  t.teardown(() => cli.stop('SIGTERM').catch(() => undefined))
+  await cli.waitForLine(/^ready:/)
+  t.regex(cli.stderr, /warn: .*cannot take image locks .*No locks available.*served unlocked/)
+  // Served, and unlocked: a second writer is not kept out (what 'auto' warns about).
+  const second = await openExport(t, { source: lockless, mountpoint: f.m2, writable: true })
+  await second.close()
+  t.is((await cli.stop('SIGTERM')).code, 0)
+  const cliOn = await runCli(['export', '--writable', '--locking', 'on', lockless, f.m1])
+  t.is(cliOn.code, 1, cliOn.stderr)
+  t.regex(cliOn.stderr, /No locks available.*\(SOURCE_OPEN_FAILED\)/)
 })

@@ -3,8 +3,12 @@
 //! (fuser's read loop, decoding, reply writing, one request at a time per thread) against ours,
 //! over the very same backend code. Never linked into the product.
 //!
+//! `--refuse-locks` makes it a file system without lock support (as NFS without lockd): it asks
+//! the kernel for POSIX lock requests and answers every one with ENOLCK. The image-lock specs use
+//! it to check `locking: 'auto'`'s fallback and `'on'`'s refusal on a real file system.
+//!
 //! Usage: `bench-fuser [--threads N] [--no-clone-fd] [--cache none|writeback] [--read-only]
-//! <image|null:SIZE> <mountpoint-file>`. Prints one `ready: ...` line once mounted; SIGINT or
+//! [--refuse-locks] <image|null:SIZE> <mountpoint-file>`. Prints one `ready: ...` line once mounted; SIGINT or
 //! SIGTERM unmounts and exits 0.
 
 use std::cell::RefCell;
@@ -63,6 +67,8 @@ fn errno(e: std::io::Error) -> Errno {
 struct BlockFs {
     backend: Backend,
     writable: bool,
+    /// Answer every lock request ENOLCK (`--refuse-locks`).
+    refuse_locks: bool,
     uid: u32,
     gid: u32,
 }
@@ -99,7 +105,42 @@ impl Filesystem for BlockFs {
         let _ = config.set_max_write(MAX_IO as u32);
         let _ = config.set_max_background(u16::MAX);
         let _ = config.set_congestion_threshold((u16::MAX as u32 * 3 / 4) as u16);
+        if self.refuse_locks {
+            // Without it the kernel keeps locks itself and never asks.
+            let _ = config.add_capabilities(InitFlags::FUSE_POSIX_LOCKS);
+        }
         Ok(())
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        _start: u64,
+        _end: u64,
+        _typ: i32,
+        _pid: u32,
+        reply: fuser::ReplyLock,
+    ) {
+        reply.error(Errno::ENOLCK);
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        _start: u64,
+        _end: u64,
+        _typ: i32,
+        _pid: u32,
+        _sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOLCK);
     }
 
     fn lookup(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEntry) {
@@ -251,16 +292,18 @@ struct Args {
     clone_fd: bool,
     cache: CacheMode,
     writable: bool,
+    refuse_locks: bool,
 }
 
 const USAGE: &str = "usage: bench-fuser [--threads N] [--no-clone-fd] [--cache none|writeback] \
-                     [--read-only] <image|null:SIZE> <mountpoint-file>";
+                     [--read-only] [--refuse-locks] <image|null:SIZE> <mountpoint-file>";
 
 fn parse_args() -> Result<Args, String> {
     let mut threads = 1;
     let mut clone_fd = true;
     let mut cache = CacheMode::Writeback;
     let mut writable = true;
+    let mut refuse_locks = false;
     let mut positional = Vec::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -281,6 +324,7 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             "--read-only" => writable = false,
+            "--refuse-locks" => refuse_locks = true,
             "-h" | "--help" => return Err(String::new()),
             s if s.starts_with('-') => return Err(format!("unknown option {s}")),
             _ => positional.push(a),
@@ -288,7 +332,15 @@ fn parse_args() -> Result<Args, String> {
     }
     let [source, mountpoint] = <[String; 2]>::try_from(positional)
         .map_err(|_| "expected <image|null:SIZE> <mountpoint-file>".to_string())?;
-    Ok(Args { source, mountpoint: mountpoint.into(), threads, clone_fd, cache, writable })
+    Ok(Args {
+        source,
+        mountpoint: mountpoint.into(),
+        threads,
+        clone_fd,
+        cache,
+        writable,
+        refuse_locks,
+    })
 }
 
 fn parse_size(s: &str) -> Option<u64> {
@@ -317,7 +369,8 @@ fn run(args: Args) -> Result<(), String> {
     let backend = open_backend(&args)?;
     // SAFETY: getuid/getgid have no preconditions and cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let fs = BlockFs { backend, writable: args.writable, uid, gid };
+    let fs =
+        BlockFs { backend, writable: args.writable, refuse_locks: args.refuse_locks, uid, gid };
 
     let mut cfg = Config::default();
     cfg.mount_options = vec![

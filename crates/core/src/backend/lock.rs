@@ -143,6 +143,13 @@ impl ImageLock {
                 );
                 Ok(ImageLock { file: None })
             }
+            Err(LockError::Failed(e)) => Err(LockError::Failed(io::Error::new(
+                e.kind(),
+                format!(
+                    "{e}; the file system may not support OFD locks (locking 'auto' serves such \
+                     a file unlocked with a warning, 'off' takes no locks)"
+                ),
+            ))),
             Err(e) => Err(e),
         }
     }
@@ -202,7 +209,8 @@ fn lock_error(path: &Path, e: io::Error, what: impl FnOnce() -> String) -> LockE
         Some(libc::EAGAIN) | Some(libc::EACCES) => {
             LockError::Locked(Locked { path: path.to_path_buf(), what: what() })
         }
-        _ => failed(path, &what().to_lowercase(), e),
+        // `what` is QEMU's conflict wording ("Failed to lock byte 100").
+        _ => failed(path, &what().replacen("Failed to ", "", 1), e),
     }
 }
 
