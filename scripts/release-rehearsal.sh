@@ -39,6 +39,8 @@ fail() {
 [[ $(id -u) -eq 0 ]] || fail "run as root (the export in the installed package mounts with mount(2))"
 name="$(node -p "require('./package.json').name")"
 version="$(node -p "require('./package.json').version")"
+# The GitHub repository the rehearsed publish job pretends to run in (scripts/repository-urls.sh).
+rehearsal_repo=rehearsal-owner/blockfuse-rehearsal
 binary="$(node -p "require('./package.json').napi.binaryName")"
 shopt -s nullglob
 addons=(native/"$binary".*.node)
@@ -143,6 +145,9 @@ cp "${addons[0]}" native/binding.cjs native/binding.d.cts "$pub/artifacts/bindin
   git init -q && git add -A &&
     git -c user.name=rehearsal -c user.email=rehearsal@localhost commit -qm "$version" ||
     fail "cannot make the release commit in the copy"
+  step "publish job: scripts/repository-urls.sh (as for a repository $rehearsal_repo)"
+  GITHUB_SERVER_URL=https://github.com GITHUB_REPOSITORY="$rehearsal_repo" bash scripts/repository-urls.sh >/dev/null ||
+    fail "scripts/repository-urls.sh failed"
   step "publish job: napi create-npm-dirs"
   npx --no -- napi create-npm-dirs >/dev/null
   step "publish job: npm run artifacts (napi artifacts)"
@@ -161,7 +166,8 @@ node -e "
   const plat = JSON.parse(fs.readFileSync('$work/platform.json', 'utf8'))
   const problems = []
   for (const [what, m] of [['$name', main], ['$platform_pkg', plat]]) {
-    if (!m.repository?.url) problems.push(what + ' has no repository (npm provenance needs it)')
+    if (m.repository?.url !== 'git+https://github.com/$rehearsal_repo.git')
+      problems.push(what + ' has repository ' + JSON.stringify(m.repository) + ', not the workflow\'s repository (npm provenance checks it)')
     for (const s of ['preinstall', 'install', 'postinstall', 'prepare'])
       if (m.scripts?.[s] !== undefined) problems.push(what + ' would run scripts.' + s + ' at install time')
   }
@@ -170,7 +176,7 @@ node -e "
   if (problems.length) { console.error(problems.join('\n')); process.exit(1) }
   console.log('release-rehearsal: published $name@$version (optionalDependencies ' +
     JSON.stringify(main.optionalDependencies) + ') and $platform_pkg@$version (os ' + plat.os + ', cpu ' +
-    plat.cpu + (plat.libc ? ', libc ' + plat.libc : '') + '); both have repository, neither runs install scripts')
+    plat.cpu + (plat.libc ? ', libc ' + plat.libc : '') + '); both name the workflow\'s repository, neither runs install scripts')
 " || fail "the published manifests are not right"
 mkdir -p "$work/tarballs"
 (cd "$work/tarballs" && npm pack --silent "$name@$version" "$platform_pkg@$version" >/dev/null)
