@@ -9,10 +9,8 @@
  * Mid-read and mid-write: the script keeps reads or writes going through Node's thread pool on
  * an NBD source that answers after a delay (nbdkit's `delay` filter), so requests are in flight
  * when it ends; a thread stuck on one keeps the fd table alive, and the unmount guard must abort
- * the connection (its sentinel thread's private fd table tells it the process is dying). Checked
- * with the read(2) intake; the io_uring intake mid-I/O is not solved on Linux 6.18 (see
- * docs/DESIGN.md, "Ending without close()") and is not run here, since a failure leaves a process
- * nothing can end. An ordinary user's guard aborts through fusectl: the suite mounts fusectl at
+ * the connection (its sentinel thread's private fd table tells it the process is dying), with
+ * either intake. An ordinary user's guard aborts through fusectl: the suite mounts fusectl at
  * /sys/fs/fuse/connections when it is missing (systemd does so on every boot).
  */
 import { spawn } from 'node:child_process'
@@ -68,8 +66,8 @@ async function slowSource(t: ExecutionContext, dir: string): Promise<string> {
     '--filter=delay',
     'memory',
     '2M',
-    'delay-read=0.3',
-    'delay-write=0.3',
+    'delay-read=300ms',
+    'delay-write=300ms',
   ])
   await chmod(socket, 0o666)
   return server.uri
@@ -158,12 +156,15 @@ for (const how of HOWS) {
     )
   }
   for (const state of ['read', 'write'] as const) {
-    test.serial(`read(2) intake, root: ${how} in the middle of a ${state} on its own export`, (t) =>
-      exitsPromptly(t, 'off', how, state, false),
-    )
-    test.serial(`read(2) intake, an ordinary user (fusermount3): ${how} in the middle of a ${state}`, (t) =>
-      exitsPromptly(t, 'off', how, state, true),
-    )
+    for (const ioUring of ['off', 'on'] as const) {
+      const intake = ioUring === 'on' ? 'io_uring' : 'read(2)'
+      test.serial(`${intake} intake, root: ${how} in the middle of a ${state} on its own export`, (t) =>
+        exitsPromptly(t, ioUring, how, state, false),
+      )
+      test.serial(`${intake} intake, an ordinary user (fusermount3): ${how} in the middle of a ${state}`, (t) =>
+        exitsPromptly(t, ioUring, how, state, true),
+      )
+    }
   }
 }
 
