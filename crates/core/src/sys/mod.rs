@@ -186,7 +186,8 @@ pub fn private_fd_table_keeping(keep: &[RawFd]) -> io::Result<Vec<OwnedFd>> {
         if fd as u32 > first {
             // SAFETY: close_range takes no pointers and closes fds of this thread's private table
             // only (after the unshare above); none of them is owned by a Rust value of this thread.
-            check(unsafe { libc::syscall(libc::SYS_close_range, first, fd as u32 - 1, 0) } as libc::c_int)?;
+            check(unsafe { libc::syscall(libc::SYS_close_range, first, fd as u32 - 1, 0) }
+                as libc::c_int)?;
         }
         first = fd as u32 + 1;
     }

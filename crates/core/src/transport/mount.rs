@@ -382,9 +382,9 @@ fn spawn_sentinel(to_guard: std::io::PipeWriter) -> std::io::Result<std::io::Pip
             let _ = to_guard.write_all(b"unmounted\n");
         }
     })?;
-    let ready = ready_rx
-        .recv()
-        .map_err(|_| std::io::Error::other("the guard's sentinel thread ended before it was ready"))?;
+    let ready = ready_rx.recv().map_err(|_| {
+        std::io::Error::other("the guard's sentinel thread ended before it was ready")
+    })?;
     ready?;
     // The shared table's references go now: the sentinel's are the only ones left.
     drop(to_guard);
