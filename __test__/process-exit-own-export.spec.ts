@@ -10,8 +10,9 @@
  * an NBD source that answers after a delay (nbdkit's `delay` filter), so requests are in flight
  * when it ends; a thread stuck on one keeps the fd table alive, and the unmount guard must abort
  * the connection (its sentinel thread's private fd table tells it the process is dying), with
- * either intake. An ordinary user's guard aborts through fusectl: the suite mounts fusectl at
- * /sys/fs/fuse/connections when it is missing (systemd does so on every boot).
+ * either intake. An ordinary user's guard aborts through fusectl: this spec mounts fusectl at
+ * /sys/fs/fuse/connections when it is missing (systemd does so on every boot) and unmounts it
+ * afterwards.
  */
 import { spawn } from 'node:child_process'
 import { join } from 'node:path'
@@ -41,16 +42,24 @@ test.before(async () => {
   assertE2eEnvironment(['fusermount3', 'findmnt', 'umount', 'useradd'])
   await assertDevFuseOpenToAll()
   user = await testUser()
-  await fusectlMounted()
+  mountedFusectl = await fusectlMounted()
 })
 
-/** Mounts fusectl where the kernel's connections are listed, unless it is there already. */
-async function fusectlMounted(): Promise<void> {
-  const control = '/sys/fs/fuse/connections'
+const FUSECTL = '/sys/fs/fuse/connections'
+let mountedFusectl = false
+
+test.after.always(async () => {
+  // Put the machine back as it was: fusectl stays only if it was there before.
+  if (mountedFusectl) await mustRun('umount', [FUSECTL])
+})
+
+/** Mounts fusectl where the kernel's connections are listed, unless it is there; true if it did. */
+async function fusectlMounted(): Promise<boolean> {
   const mountinfo = await readFile('/proc/self/mountinfo', 'utf8')
-  if (mountinfo.split('\n').some((l) => l.split(' ')[4] === control)) return
-  await mustRun('mount', ['-t', 'fusectl', 'none', control])
-  await readdir(control)
+  if (mountinfo.split('\n').some((l) => l.split(' ')[4] === FUSECTL)) return false
+  await mustRun('mount', ['-t', 'fusectl', 'none', FUSECTL])
+  await readdir(FUSECTL)
+  return true
 }
 
 /**
@@ -111,7 +120,7 @@ async function exitsPromptly(t: ExecutionContext, ioUring: 'on' | 'off', how: Ho
   t.teardown(async () => {
     // Whatever happened: end the connection (nothing may wait on it), unmount, kill.
     if (!reaped && conn.dev !== undefined) {
-      await writeFile(`/sys/fs/fuse/connections/${conn.dev.split(':')[1]}/abort`, '1').catch(() => undefined)
+      await writeFile(`${FUSECTL}/${conn.dev.split(':')[1]}/abort`, '1').catch(() => undefined)
     }
     await forceUnmountAll(f.mountpoint)
     if (!reaped) {
