@@ -169,6 +169,22 @@ pub fn inherit_fd_in_child(cmd: &mut std::process::Command, fd: RawFd) {
     }
 }
 
+/// Blocks every signal that can be blocked in the calling thread, so the kernel never picks it to
+/// run a handler of a process-directed signal (SIGKILL still ends it with the process).
+pub fn block_signals_in_this_thread() -> io::Result<()> {
+    // SAFETY: `set` is a local sigset_t that sigfillset initialises before pthread_sigmask reads
+    // it; a null old-set pointer is allowed.
+    let ret = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(())
+}
+
 /// Gives the calling thread a private fd table (`unshare(CLONE_FILES)`) holding only the fds in
 /// `keep` (everything else copied in is closed at once), and returns them as owned fds of that
 /// table. The caller must still close its own copies of `keep` in the shared table, where they

@@ -364,7 +364,11 @@ fn spawn_sentinel(to_guard: std::io::PipeWriter) -> std::io::Result<std::io::Pip
     let fds = [to_guard.as_raw_fd(), commands.as_raw_fd()];
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new().name("blockfuse-guard".into()).spawn(move || {
-        let owned = match sys::private_fd_table_keeping(&fds) {
+        // Signal handlers (libuv's among them) write to fds by number: they must never run on
+        // this thread once its table is private. Blocked before the unshare, so none does.
+        let owned = match sys::block_signals_in_this_thread()
+            .and_then(|()| sys::private_fd_table_keeping(&fds))
+        {
             Ok(owned) => owned,
             Err(e) => {
                 let _ = ready_tx.send(Err(e));
@@ -378,7 +382,13 @@ fn spawn_sentinel(to_guard: std::io::PipeWriter) -> std::io::Result<std::io::Pip
             _ => return,
         };
         let mut byte = [0u8; 1];
-        if matches!(std::io::Read::read(&mut commands, &mut byte), Ok(1)) {
+        let got = loop {
+            match std::io::Read::read(&mut commands, &mut byte) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        if matches!(got, Ok(1)) {
             let _ = to_guard.write_all(b"unmounted\n");
         }
     })?;
