@@ -11,8 +11,7 @@
  * when it ends; a thread stuck on one keeps the fd table alive, and the unmount guard must abort
  * the connection (its sentinel thread's private fd table tells it the process is dying), with
  * either intake. An ordinary user's guard aborts through fusectl: this spec mounts fusectl at
- * /sys/fs/fuse/connections when it is missing (systemd does so on every boot) and unmounts it
- * afterwards.
+ * /sys/fs/fuse/connections when it is missing (systemd does so on every boot) and leaves it.
  */
 import { spawn } from 'node:child_process'
 import { join } from 'node:path'
@@ -31,6 +30,7 @@ import { forceUnmountAll, mountsOn } from './helpers/mounts.js'
 import { assertDevFuseOpenToAll, giveTo, testUser, type User } from './helpers/reliability.js'
 import { nbdkit } from './helpers/nbd.js'
 import { mustRun } from './helpers/run.js'
+import { fuseConnectionId } from './helpers/semantics.js'
 
 const INDEX = fileURLToPath(new URL('../dist/index.js', import.meta.url))
 const SCRIPT = fileURLToPath(new URL('fixtures/exit-own-export.mjs', import.meta.url))
@@ -42,24 +42,20 @@ test.before(async () => {
   assertE2eEnvironment(['fusermount3', 'findmnt', 'umount', 'useradd'])
   await assertDevFuseOpenToAll()
   user = await testUser()
-  mountedFusectl = await fusectlMounted()
+  await fusectlMounted()
 })
 
 const FUSECTL = '/sys/fs/fuse/connections'
-let mountedFusectl = false
 
-test.after.always(async () => {
-  // Put the machine back as it was: fusectl stays only if it was there before.
-  if (mountedFusectl) await mustRun('umount', [FUSECTL])
-})
-
-/** Mounts fusectl where the kernel's connections are listed, unless it is there; true if it did. */
-async function fusectlMounted(): Promise<boolean> {
+/**
+ * Mounts fusectl where the kernel's connections are listed, unless it is there. It stays mounted
+ * (as in semantics-halt.spec.ts): specs running at the same time may rely on it.
+ */
+async function fusectlMounted(): Promise<void> {
   const mountinfo = await readFile('/proc/self/mountinfo', 'utf8')
-  if (mountinfo.split('\n').some((l) => l.split(' ')[4] === FUSECTL)) return false
+  if (mountinfo.split('\n').some((l) => l.split(' ')[4] === FUSECTL)) return
   await mustRun('mount', ['-t', 'fusectl', 'none', FUSECTL])
   await readdir(FUSECTL)
-  return true
 }
 
 /**
@@ -116,11 +112,11 @@ async function exitsPromptly(t: ExecutionContext, ioUring: 'on' | 'off', how: Ho
       resolve()
     }),
   )
-  const conn: { dev?: string } = {}
+  const conn: { id?: number } = {}
   t.teardown(async () => {
     // Whatever happened: end the connection (nothing may wait on it), unmount, kill.
-    if (!reaped && conn.dev !== undefined) {
-      await writeFile(`${FUSECTL}/${conn.dev.split(':')[1]}/abort`, '1').catch(() => undefined)
+    if (!reaped && conn.id !== undefined) {
+      await writeFile(`${FUSECTL}/${conn.id}/abort`, '1').catch(() => undefined)
     }
     await forceUnmountAll(f.mountpoint)
     if (!reaped) {
@@ -138,8 +134,8 @@ async function exitsPromptly(t: ExecutionContext, ioUring: 'on' | 'off', how: Ho
     await sleep(10)
   }
   const readyAt = Date.now()
-  conn.dev = (await mountsOn(f.mountpoint))[0]?.dev
-  t.truthy(conn.dev, 'the export is mounted')
+  t.truthy((await mountsOn(f.mountpoint))[0], 'the export is mounted')
+  conn.id = await fuseConnectionId(f.mountpoint)
 
   // The issue's bound, measured from the moment the script ends itself; polled generously.
   const deadline = readyAt + ACTION_DELAY_MS + BOUND_MS

@@ -294,7 +294,7 @@ while read -r _ _ dev _ point _; do
   if [ "$point" = "$1" ]; then top=$dev; fi
 done < /proc/self/mountinfo
 [ "$top" = "$2" ] || exit 0
-abort=/sys/fs/fuse/connections/${2#*:}/abort
+abort=/sys/fs/fuse/connections/$(( ${2%%:*} * 1048576 + ${2#*:} ))/abort
 if [ -w "$abort" ]; then echo 1 > "$abort"; fi
 if [ "$3" = syscall ]; then exec umount -i -c -f -l -- "$4"; fi
 exec fusermount3 -u -z -- "$4"
