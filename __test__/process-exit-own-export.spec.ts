@@ -6,14 +6,17 @@
  * is gone. docs/DESIGN.md ("Ending without close()") has the mechanism: the process's own opens
  * get FOPEN_NOFLUSH, so closing them at exit waits for nobody.
  *
- * Covered: the fd open and idle when the process ends. Not covered (not solved yet, see
- * docs/DESIGN.md): a thread of the process in the middle of a read or write on its own export at
- * that moment; such a process cannot always be cleaned up by a test.
+ * Mid-read and mid-write: the script keeps reads or writes going through Node's thread pool on
+ * an NBD source that answers after a delay (nbdkit's `delay` filter), so requests are in flight
+ * when it ends; a thread stuck on one keeps the fd table alive, and the unmount guard must abort
+ * the connection (its sentinel thread's private fd table tells it the process is dying), with
+ * either intake. An ordinary user's guard aborts through fusectl: this spec mounts fusectl at
+ * /sys/fs/fuse/connections when it is missing (systemd does so on every boot) and leaves it.
  */
 import { spawn } from 'node:child_process'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { chmod, open } from 'node:fs/promises'
+import { chmod, mkdir, open, readdir, readFile, writeFile } from 'node:fs/promises'
 import { setTimeout as sleep } from 'node:timers/promises'
 
 import test, { type ExecutionContext } from 'ava'
@@ -25,7 +28,9 @@ import { imageFixture } from './helpers/exports.js'
 import { MiB } from './helpers/files.js'
 import { forceUnmountAll, mountsOn } from './helpers/mounts.js'
 import { assertDevFuseOpenToAll, giveTo, testUser, type User } from './helpers/reliability.js'
+import { nbdkit } from './helpers/nbd.js'
 import { mustRun } from './helpers/run.js'
+import { fuseConnectionId } from './helpers/semantics.js'
 
 const INDEX = fileURLToPath(new URL('../dist/index.js', import.meta.url))
 const SCRIPT = fileURLToPath(new URL('fixtures/exit-own-export.mjs', import.meta.url))
@@ -37,7 +42,41 @@ test.before(async () => {
   assertE2eEnvironment(['fusermount3', 'findmnt', 'umount', 'useradd'])
   await assertDevFuseOpenToAll()
   user = await testUser()
+  await fusectlMounted()
 })
+
+const FUSECTL = '/sys/fs/fuse/connections'
+
+/**
+ * Mounts fusectl where the kernel's connections are listed, unless it is there. It stays mounted
+ * (as in semantics-halt.spec.ts): specs running at the same time may rely on it.
+ */
+async function fusectlMounted(): Promise<void> {
+  const mountinfo = await readFile('/proc/self/mountinfo', 'utf8')
+  if (mountinfo.split('\n').some((l) => l.split(' ')[4] === FUSECTL)) return
+  await mustRun('mount', ['-t', 'fusectl', 'none', FUSECTL])
+  await readdir(FUSECTL)
+}
+
+/**
+ * A 2 MiB NBD source (nbdkit memory) whose every read and write takes 0.3 s, served on a socket any
+ * user can connect to: requests of the script are reliably in flight when it ends.
+ */
+async function slowSource(t: ExecutionContext, dir: string): Promise<string> {
+  const sockDir = join(dir, 'nbd')
+  await mkdir(sockDir)
+  await chmod(sockDir, 0o777)
+  const socket = join(sockDir, 'sock')
+  const server = await nbdkit(t, { kind: 'unix', socket }, [
+    '--filter=delay',
+    'memory',
+    '2M',
+    'delay-read=300ms',
+    'delay-write=300ms',
+  ])
+  await chmod(socket, 0o666)
+  return server.uri
+}
 
 type How = 'exit' | 'throw' | 'reject' | 'SIGINT' | 'SIGTERM' | 'SIGHUP' | 'SIGKILL'
 type State = 'idle' | 'read' | 'write'
@@ -57,7 +96,8 @@ async function exitsPromptly(t: ExecutionContext, ioUring: 'on' | 'off', how: Ho
   const copy = asUser ? packageCopyForOtherUsers() : undefined
   const script = copy ? join(copy, '__test__', 'fixtures', 'exit-own-export.mjs') : SCRIPT
   const index = copy ? join(copy, 'dist', 'index.js') : INDEX
-  const child = spawn(process.execPath, [script, index, f.image, f.mountpoint, ioUring, how, state], {
+  const source = state === 'idle' ? f.image : await slowSource(t, f.dir)
+  const child = spawn(process.execPath, [script, index, source, f.mountpoint, ioUring, how, state], {
     stdio: ['ignore', 'pipe', 'pipe'],
     ...(asUser ? { uid: user.uid, gid: user.gid } : {}),
   })
@@ -72,13 +112,11 @@ async function exitsPromptly(t: ExecutionContext, ioUring: 'on' | 'off', how: Ho
       resolve()
     }),
   )
-  const conn: { dev?: string } = {}
+  const conn: { id?: number } = {}
   t.teardown(async () => {
     // Whatever happened: end the connection (nothing may wait on it), unmount, kill.
-    if (!reaped && conn.dev !== undefined) {
-      await import('node:fs/promises').then((fs) =>
-        fs.writeFile(`/sys/fs/fuse/connections/${conn.dev!.split(':')[1]}/abort`, '1').catch(() => undefined),
-      )
+    if (!reaped && conn.id !== undefined) {
+      await writeFile(`${FUSECTL}/${conn.id}/abort`, '1').catch(() => undefined)
     }
     await forceUnmountAll(f.mountpoint)
     if (!reaped) {
@@ -96,8 +134,8 @@ async function exitsPromptly(t: ExecutionContext, ioUring: 'on' | 'off', how: Ho
     await sleep(10)
   }
   const readyAt = Date.now()
-  conn.dev = (await mountsOn(f.mountpoint))[0]?.dev
-  t.truthy(conn.dev, 'the export is mounted')
+  t.truthy((await mountsOn(f.mountpoint))[0], 'the export is mounted')
+  conn.id = await fuseConnectionId(f.mountpoint)
 
   // The issue's bound, measured from the moment the script ends itself; polled generously.
   const deadline = readyAt + ACTION_DELAY_MS + BOUND_MS
@@ -121,6 +159,17 @@ for (const how of HOWS) {
     test.serial(`${intake} intake, an ordinary user (fusermount3): ${how} with its own export's file open`, (t) =>
       exitsPromptly(t, ioUring, how, 'idle', true),
     )
+  }
+  for (const state of ['read', 'write'] as const) {
+    for (const ioUring of ['off', 'on'] as const) {
+      const intake = ioUring === 'on' ? 'io_uring' : 'read(2)'
+      test.serial(`${intake} intake, root: ${how} in the middle of a ${state} on its own export`, (t) =>
+        exitsPromptly(t, ioUring, how, state, false),
+      )
+      test.serial(`${intake} intake, an ordinary user (fusermount3): ${how} in the middle of a ${state}`, (t) =>
+        exitsPromptly(t, ioUring, how, state, true),
+      )
+    }
   }
 }
 

@@ -169,6 +169,51 @@ pub fn inherit_fd_in_child(cmd: &mut std::process::Command, fd: RawFd) {
     }
 }
 
+/// Blocks every signal that can be blocked in the calling thread, so the kernel never picks it to
+/// run a handler of a process-directed signal (SIGKILL still ends it with the process).
+pub fn block_signals_in_this_thread() -> io::Result<()> {
+    // SAFETY: `set` is a local sigset_t that sigfillset initialises before pthread_sigmask reads
+    // it; a null old-set pointer is allowed.
+    let ret = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(())
+}
+
+/// Gives the calling thread a private fd table (`unshare(CLONE_FILES)`) holding only the fds in
+/// `keep` (everything else copied in is closed at once), and returns them as owned fds of that
+/// table. The caller must still close its own copies of `keep` in the shared table, where they
+/// stay open: the two tables hold separate references to the same open files.
+///
+/// Used by the unmount guard's sentinel thread: a private table dies with the thread, even when
+/// another thread of a dying process is stuck and keeps the shared table alive.
+pub fn private_fd_table_keeping(keep: &[RawFd]) -> io::Result<Vec<OwnedFd>> {
+    // SAFETY: unshare takes no pointers; CLONE_FILES only affects the calling thread's fd table.
+    check(unsafe { libc::unshare(libc::CLONE_FILES) })?;
+    let mut sorted: Vec<RawFd> = keep.to_vec();
+    sorted.sort_unstable();
+    let mut first: u32 = 0;
+    for &fd in &sorted {
+        if fd as u32 > first {
+            // SAFETY: close_range takes no pointers and closes fds of this thread's private table
+            // only (after the unshare above); none of them is owned by a Rust value of this thread.
+            check(unsafe { libc::syscall(libc::SYS_close_range, first, fd as u32 - 1, 0) }
+                as libc::c_int)?;
+        }
+        first = fd as u32 + 1;
+    }
+    // SAFETY: as above; the range may be empty of open fds, which close_range accepts.
+    check(unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) } as libc::c_int)?;
+    // SAFETY: each fd in `keep` is open in the private table (copied by the unshare) and nothing
+    // else in this table owns it, so each OwnedFd is its only owner.
+    Ok(keep.iter().map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect())
+}
+
 /// Receives one file descriptor sent with SCM_RIGHTS over a unix socket (fusermount3's reply).
 pub fn recv_fd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     let mut byte = [0u8; 1];

@@ -264,12 +264,24 @@ pub fn unmount(mountpoint: &Path, method: MountMethod) -> Result<()> {
 /// mountinfo, so a later export by someone else is never touched), the guard unmounts it lazily,
 /// with `umount` for a mount(2) mount and `fusermount3 -u -z` for a fusermount3 one.
 ///
+/// The guard's pipe is held by a *sentinel thread* with a private fd table holding nothing else
+/// (`sys::private_fd_table_keeping`). If a thread of ours is stuck in a read or write on our own
+/// export when the process dies, it keeps the shared fd table (and the `/dev/fuse` fds in it)
+/// alive forever, so a pipe end in that table would never close; the sentinel's table dies with
+/// the sentinel, at once. The guard then *aborts the connection* before unmounting: through
+/// fusectl's `abort` (owned by the mount's owner, so unprivileged too, when fusectl is mounted)
+/// and, for a mount(2) mount, with `umount -f` (MNT_FORCE: `fuse_umount_begin` aborts the
+/// connection). The abort answers every request a dead queue had taken with ECONNABORTED, the
+/// stuck thread returns, the process is reaped. After an ordinary death the connection is
+/// already gone and the abort does nothing.
+///
 /// Why not fusermount3's `auto_unmount`: it only works through fusermount3, and in fuse3 3.14 its
 /// watcher checks for a dead connection by opening the mountpoint as root, which a mount without
 /// `allow_other` refuses with EACCES (not ENOTCONN), so an unprivileged export is never cleaned
 /// up. A forked (not exec'd) guard would keep a copy-on-write image of the whole Node process.
 pub struct UnmountGuard {
-    disarm: Option<std::io::PipeWriter>,
+    /// Tells the sentinel thread `disarm` (a byte) or "we are going" (end of file).
+    sentinel: Option<std::io::PipeWriter>,
     child: Option<Child>,
 }
 
@@ -282,7 +294,9 @@ while read -r _ _ dev _ point _; do
   if [ "$point" = "$1" ]; then top=$dev; fi
 done < /proc/self/mountinfo
 [ "$top" = "$2" ] || exit 0
-if [ "$3" = syscall ]; then exec umount -i -c -l -- "$4"; fi
+abort=/sys/fs/fuse/connections/$(( ${2%%:*} * 1048576 + ${2#*:} ))/abort
+if [ -w "$abort" ]; then echo 1 > "$abort"; fi
+if [ "$3" = syscall ]; then exec umount -i -c -f -l -- "$4"; fi
 exec fusermount3 -u -z -- "$4"
 "#;
 
@@ -323,22 +337,76 @@ impl UnmountGuard {
             .process_group(0)
             .spawn()
             .map_err(|e| fail(format!("cannot run /bin/sh: {e}")))?;
-        Ok(UnmountGuard { disarm: Some(writer), child: Some(child) })
+        let sentinel = match spawn_sentinel(writer) {
+            Ok(sentinel) => sentinel,
+            Err(e) => {
+                // The guard read end of the file at once: it removes the fresh mount.
+                drop(UnmountGuard { sentinel: None, child: Some(child) });
+                return Err(fail(e.to_string()));
+            }
+        };
+        Ok(UnmountGuard { sentinel: Some(sentinel), child: Some(child) })
     }
 
     /// We unmounted ourselves: the guard exits without looking at the mount table.
     pub fn disarm(mut self) {
-        if let Some(mut w) = self.disarm.take() {
-            let _ = w.write_all(b"unmounted\n");
+        if let Some(mut w) = self.sentinel.take() {
+            let _ = w.write_all(b"u");
         }
     }
+}
+
+/// Starts the thread that holds the guard's pipe (`to_guard`) in a private fd table, and returns
+/// the pipe that commands it: a byte means "write the disarm line", end of file means "close
+/// without it". Returns once the thread holds the only other reference to `to_guard`.
+fn spawn_sentinel(to_guard: std::io::PipeWriter) -> std::io::Result<std::io::PipeWriter> {
+    let (commands, command_writer) = std::io::pipe()?;
+    let fds = [to_guard.as_raw_fd(), commands.as_raw_fd()];
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new().name("blockfuse-guard".into()).spawn(move || {
+        // Signal handlers (libuv's among them) write to fds by number: they must never run on
+        // this thread once its table is private. Blocked before the unshare, so none does.
+        let owned = match sys::block_signals_in_this_thread()
+            .and_then(|()| sys::private_fd_table_keeping(&fds))
+        {
+            Ok(owned) => owned,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        let _ = ready_tx.send(Ok(()));
+        let mut owned = owned.into_iter();
+        let (mut to_guard, mut commands) = match (owned.next(), owned.next()) {
+            (Some(g), Some(c)) => (std::fs::File::from(g), std::fs::File::from(c)),
+            _ => return,
+        };
+        let mut byte = [0u8; 1];
+        let got = loop {
+            match std::io::Read::read(&mut commands, &mut byte) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        if matches!(got, Ok(1)) {
+            let _ = to_guard.write_all(b"unmounted\n");
+        }
+    })?;
+    let ready = ready_rx.recv().map_err(|_| {
+        std::io::Error::other("the guard's sentinel thread ended before it was ready")
+    })?;
+    ready?;
+    // The shared table's references go now: the sentinel's are the only ones left.
+    drop(to_guard);
+    drop(commands);
+    Ok(command_writer)
 }
 
 impl Drop for UnmountGuard {
     /// Closes the pipe (after `disarm`, or as if we died: then the guard removes what is left of
     /// our mount) and reaps the guard, waiting at most a few seconds on this thread.
     fn drop(&mut self) {
-        drop(self.disarm.take());
+        drop(self.sentinel.take());
         let Some(mut child) = self.child.take() else { return };
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
