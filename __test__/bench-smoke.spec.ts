@@ -19,7 +19,7 @@ const BENCH = fileURLToPath(new URL('../bench/run.mjs', import.meta.url))
 
 test.before(() => {
   assertCliBuilt()
-  assertE2eEnvironment(['fio', 'findmnt'])
+  assertE2eEnvironment(['fio', 'findmnt', 'nbdkit', 'nbdfuse'])
 })
 
 test('bench --quick runs one null cell against blockfuse and reports nonzero IOPS', async (t) => {
@@ -53,4 +53,39 @@ test('bench --quick runs one null cell against blockfuse and reports nonzero IOP
     t.true(Number(row![1]) > 0, `${peer} reported ${row![1]} IOPS`)
   }
   t.regex(r.stdout, /\| `null:randread:aio:j1` \| \d/, 'summary row present')
+})
+
+test('bench runs one nbd cell: blockfuse, nbdfuse and the fio nbd-engine ceiling on one nbdkit, with the ratio table', async (t) => {
+  const work = await mkdtemp(join(tmpdir(), 'blockfuse-bench-smoke-nbd-'))
+  const peers = ['blockfuse-1t', 'nbdfuse', 'ceiling']
+  t.teardown(async () => {
+    for (const peer of peers) {
+      const mnt = join(work, 'mnt', peer)
+      if (await isMounted(mnt)) await run('umount', ['-l', mnt])
+    }
+    await rm(work, { recursive: true, force: true })
+  })
+  const r = await run(process.execPath, [
+    BENCH,
+    '--only',
+    'nbd:randread:aio:j1',
+    '--runtime',
+    '1',
+    '--reps',
+    '1',
+    '--peers',
+    peers.join(','),
+    '--image-size',
+    '64M',
+    '--work-dir',
+    work,
+    '--no-save',
+  ])
+  t.is(r.code, 0, `bench failed:\n${r.stderr}`)
+  for (const peer of peers) {
+    const row = new RegExp(`^\\| \`nbd:randread:aio:j1\` \\| ${peer} \\| (\\d+) \\|`, 'm').exec(r.stdout)
+    t.truthy(row, `no table row for ${peer} in:\n${r.stdout}`)
+    t.true(Number(row![1]) > 0, `${peer} reported ${row![1]} IOPS`)
+  }
+  t.regex(r.stdout, /^\| `nbd:randread:aio:j1` \| \d+\.\d\d \| — \| \d+\.\d\d \| — \|$/m, 'nbd ratio row')
 })
