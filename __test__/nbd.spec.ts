@@ -126,8 +126,9 @@ for (const { threads, multiConn } of [
   test(`fio randwrite + verify over nbdkit memory${multiConn ? '' : ' without CAN_MULTI_CONN'}, 2 jobs × iodepth 16, ${threads} thread(s): ${conns} connection(s), zero verify errors`, async (t) => {
     const d = await fixture(t)
     const listen = await listenOn('tcp', d.dir)
-    const filter = multiConn ? [] : ['--filter=multi-conn', 'multi-conn-mode=disable']
-    const server = await nbdkit(t, listen, [...filter, 'memory', '64M'])
+    // Filter parameters follow the plugin's.
+    const args = multiConn ? ['memory', '64M'] : ['--filter=multi-conn', 'memory', '64M', 'multi-conn-mode=disable']
+    const server = await nbdkit(t, listen, args)
     await openExport(t, { source: server.uri, mountpoint: d.mountpoint, writable: true, threads })
     t.is(await serverConnections(listen.port!), conns, 'connections after create')
     const output = d.path('fio.json')
