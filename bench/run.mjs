@@ -548,11 +548,11 @@ function serverCommand(peer, backend, image, mnt, opts) {
           : backend.kind === 'nbd'
             ? [`nbd,node-name=n,server.type=unix,server.path=${image}`]
             : backend.kind === 'qcow2'
-            ? // locking=off: blockfuse has the same image open while QEMU serves it (all servers of a
-              // group stay mounted). Safe here as every cluster is allocated, so no peer changes
-              // the qcow2 metadata; only data clusters are overwritten.
-              [`file,node-name=f,filename=${image},cache.direct=${direct},locking=off`, 'qcow2,node-name=n,file=f']
-            : [`file,node-name=n,filename=${image},cache.direct=${direct}`]
+              ? // locking=off: blockfuse has the same image open while QEMU serves it (all servers of a
+                // group stay mounted). Safe here as every cluster is allocated, so no peer changes
+                // the qcow2 metadata; only data clusters are overwritten.
+                [`file,node-name=f,filename=${image},cache.direct=${direct},locking=off`, 'qcow2,node-name=n,file=f']
+              : [`file,node-name=n,filename=${image},cache.direct=${direct}`]
       const exp = `fuse,id=e,node-name=n,mountpoint=${mnt},writable=on,allow-other=off`
       const args = [...blockdevs.flatMap((b) => ['--blockdev', b]), '--export', exp]
       return { cmd: 'qemu-storage-daemon', args, ready: 'mount' }

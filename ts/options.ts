@@ -391,7 +391,15 @@ export function normalizeOptions(input: unknown): ResolvedFuseExportOptions {
   }
 }
 
-const NBD_KEYS = ['tlsCa', 'tlsCert', 'tlsKey', 'tlsServerName', 'connectTimeout', 'reconnectDelay', 'requestTimeout'] as const
+const NBD_KEYS = [
+  'tlsCa',
+  'tlsCert',
+  'tlsKey',
+  'tlsServerName',
+  'connectTimeout',
+  'reconnectDelay',
+  'requestTimeout',
+] as const
 const MAX_SECONDS = 86400
 
 function normalizeNbd(input: unknown): ResolvedNbdOptions {
