@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
-import test from 'ava'
+import test, { type ExecutionContext } from 'ava'
 
 import { assertCliBuilt } from './helpers/cli.js'
 import { assertE2eEnvironment } from './helpers/env.js'
@@ -19,18 +19,36 @@ const BENCH = fileURLToPath(new URL('../bench/run.mjs', import.meta.url))
 
 test.before(() => {
   assertCliBuilt()
-  assertE2eEnvironment(['fio', 'findmnt'])
+  assertE2eEnvironment(['fio', 'findmnt', 'nbdkit', 'nbdfuse'])
 })
 
-test('bench --quick runs one null cell against blockfuse and reports nonzero IOPS', async (t) => {
+/**
+ * A work directory for one bench run, removed after the test with any mount of `peers` the
+ * bench left behind (it unmounts its own; this covers a bench that died).
+ */
+async function benchWork(t: ExecutionContext, peers: string[]): Promise<string> {
   const work = await mkdtemp(join(tmpdir(), 'blockfuse-bench-smoke-'))
   t.teardown(async () => {
-    for (const peer of ['blockfuse-1t', 'blockfuse-2t']) {
+    for (const peer of peers) {
       const mnt = join(work, 'mnt', peer)
       if (await isMounted(mnt)) await run('umount', ['-l', mnt])
     }
     await rm(work, { recursive: true, force: true })
   })
+  return work
+}
+
+/** Asserts the detail table has a row with nonzero IOPS for each of `peers` in `cell`. */
+function assertRows(t: ExecutionContext, stdout: string, cell: string, peers: string[]) {
+  for (const peer of peers) {
+    const row = new RegExp(`^\\| \`${cell}\` \\| ${peer} \\| (\\d+) \\|`, 'm').exec(stdout)
+    t.truthy(row, `no table row for ${peer} in:\n${stdout}`)
+    t.true(Number(row![1]) > 0, `${peer} reported ${row![1]} IOPS`)
+  }
+}
+
+test('bench --quick runs one null cell against blockfuse and reports nonzero IOPS', async (t) => {
+  const work = await benchWork(t, ['blockfuse-1t', 'blockfuse-2t'])
   const r = await run(process.execPath, [
     BENCH,
     '--quick',
@@ -47,10 +65,30 @@ test('bench --quick runs one null cell against blockfuse and reports nonzero IOP
     '--no-save',
   ])
   t.is(r.code, 0, `bench failed:\n${r.stderr}`)
-  for (const peer of ['blockfuse-1t', 'blockfuse-2t']) {
-    const row = new RegExp(`^\\| \`null:randread:aio:j1\` \\| ${peer} \\| (\\d+) \\|`, 'm').exec(r.stdout)
-    t.truthy(row, `no table row for ${peer} in:\n${r.stdout}`)
-    t.true(Number(row![1]) > 0, `${peer} reported ${row![1]} IOPS`)
-  }
+  assertRows(t, r.stdout, 'null:randread:aio:j1', ['blockfuse-1t', 'blockfuse-2t'])
   t.regex(r.stdout, /\| `null:randread:aio:j1` \| \d/, 'summary row present')
+})
+
+test('bench runs one nbd cell: blockfuse, nbdfuse and the fio nbd-engine ceiling on one nbdkit, with the ratio table', async (t) => {
+  const peers = ['blockfuse-1t', 'nbdfuse', 'ceiling']
+  const work = await benchWork(t, peers)
+  const r = await run(process.execPath, [
+    BENCH,
+    '--only',
+    'nbd:randread:aio:j1',
+    '--runtime',
+    '1',
+    '--reps',
+    '1',
+    '--peers',
+    peers.join(','),
+    '--image-size',
+    '64M',
+    '--work-dir',
+    work,
+    '--no-save',
+  ])
+  t.is(r.code, 0, `bench failed:\n${r.stderr}`)
+  assertRows(t, r.stdout, 'nbd:randread:aio:j1', peers)
+  t.regex(r.stdout, /^\| `nbd:randread:aio:j1` \| \d+\.\d\d \| — \| \d+\.\d\d \| — \|$/m, 'nbd ratio row')
 })

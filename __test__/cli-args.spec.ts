@@ -179,3 +179,14 @@ test('values judged without the filesystem are usage errors in CLI terms, not op
     options: { threads: 1, growable: true, writable: true },
   })
 })
+
+test('--request-timeout sets nbd.requestTimeout; a non-number is a usage error', (t) => {
+  t.like(parseCliArgs(['export', '--request-timeout', '5', 'nbd://h/x', 'b']), {
+    kind: 'export',
+    options: { nbd: { requestTimeout: 5 } },
+  })
+  t.throws(() => parseCliArgs(['export', '--request-timeout', 'soon', 'nbd://h/x', 'b']), {
+    instanceOf: UsageError,
+    message: /--request-timeout/,
+  })
+})

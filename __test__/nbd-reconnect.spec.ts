@@ -4,7 +4,9 @@
  * during the outage wait for the reconnection (`nbd.reconnectDelay`) and then succeed; past the
  * window they fail with EIO, and the export serves again once the server is back. A write is
  * acknowledged only once a server confirmed it, and a flush after a connection was lost with
- * acknowledged but unflushed writes reports EIO rather than claiming they are durable.
+ * acknowledged but unflushed writes reports EIO rather than claiming they are durable. A server
+ * that stays connected but stops answering (SIGSTOP) hits `nbd.requestTimeout`: EIO within the
+ * documented bound, and service again after SIGCONT.
  */
 import { readFile, rm, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
@@ -93,6 +95,38 @@ test.serial(
     }
     t.true(ok, 'reads succeed again after the server returned')
     t.true((await readFile(f.mountpoint)).equals(f.data))
+  },
+)
+
+test.serial(
+  'a server that stops answering (SIGSTOP) gives EIO within 2 × requestTimeout + reconnectDelay, and serves again after SIGCONT',
+  async (t) => {
+    const f = await fixture(t)
+    const server = await f.start()
+    t.teardown(() => server.signal('SIGCONT'))
+    const nbd = { requestTimeout: 1, reconnectDelay: 1, connectTimeout: 1 }
+    await openExport(t, { source: server.uri, mountpoint: f.mountpoint, format: 'raw', nbd })
+    t.is((await readAt(f.mountpoint, 0, 4096)).code, 0)
+    // Stopped, the server keeps its connection and its listening socket (new connections are
+    // accepted by the kernel, the greeting never comes): requests get no answer at all.
+    server.signal('SIGSTOP')
+    const t0 = Date.now()
+    const failed = await readAt(f.mountpoint, MiB, 4096)
+    const waited = (Date.now() - t0) / 1000
+    t.not(failed.code, 0)
+    t.regex(failed.stderr, /Input\/output error/)
+    // Documented bound: 2 × 1 + 1 s, plus 1 s for the watchdog's tick; 5 s more for this
+    // loaded machine. Without the timeout the read would never return.
+    const bound = 2 * nbd.requestTimeout + nbd.reconnectDelay + 1
+    t.true(waited <= bound + 5, `EIO after ${waited} s, documented bound ${bound} s`)
+    server.signal('SIGCONT')
+    let ok = false
+    for (let i = 0; i < 50 && !ok; i++) {
+      ok = (await readAt(f.mountpoint, MiB, 4096)).code === 0
+      if (!ok) await sleep(200)
+    }
+    t.true(ok, 'reads succeed again once the server answers')
+    t.true((await readFile(f.mountpoint)).equals(f.data), 'the export reads as the image again')
   },
 )
 

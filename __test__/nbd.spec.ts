@@ -21,7 +21,7 @@ import { client, C_ENV, mustClient, openExport, seekProbes, sizeOf } from './hel
 import { run } from './helpers/run.js'
 
 test.before(() => {
-  assertE2eEnvironment(['nbdkit', 'qemu-nbd', 'qemu-img', 'fio', 'dd', 'cmp', 'fallocate', 'python3', 'findmnt'])
+  assertE2eEnvironment(['nbdkit', 'qemu-nbd', 'qemu-img', 'fio', 'dd', 'cmp', 'fallocate', 'python3', 'findmnt', 'ss'])
 })
 
 async function fixture(t: Parameters<typeof tempDir>[0]) {
@@ -108,11 +108,29 @@ test('qemu-nbd serving a qcow2 image: qemu-img compare finds the export identica
   ])
 })
 
-for (const threads of [1, 2]) {
-  test(`fio randwrite + verify over nbdkit memory, 2 jobs × iodepth 16, ${threads} thread(s): zero verify errors`, async (t) => {
+/** Established TCP connections the server on 127.0.0.1:`port` has (its side: source port). */
+async function serverConnections(port: number): Promise<number> {
+  const r = await run('ss', ['-Htn', 'state', 'established', `sport = :${port}`])
+  if (r.code !== 0) throw new Error(`ss failed: ${r.stderr}`)
+  return r.stdout.split('\n').filter((l) => l.trim() !== '').length
+}
+
+// One connection per queue thread when the server advertises CAN_MULTI_CONN (nbdkit memory
+// does), exactly one shared by all queues when it does not (the multi-conn filter hides it).
+for (const { threads, multiConn } of [
+  { threads: 1, multiConn: true },
+  { threads: 2, multiConn: true },
+  { threads: 2, multiConn: false },
+]) {
+  const conns = multiConn ? threads : 1
+  test(`fio randwrite + verify over nbdkit memory${multiConn ? '' : ' without CAN_MULTI_CONN'}, 2 jobs × iodepth 16, ${threads} thread(s): ${conns} connection(s), zero verify errors`, async (t) => {
     const d = await fixture(t)
-    const server = await nbdkit(t, await listenOn('unix', d.dir), ['memory', '64M'])
+    const listen = await listenOn('tcp', d.dir)
+    // Filter parameters follow the plugin's.
+    const args = multiConn ? ['memory', '64M'] : ['--filter=multi-conn', 'memory', '64M', 'multi-conn-mode=disable']
+    const server = await nbdkit(t, listen, args)
     await openExport(t, { source: server.uri, mountpoint: d.mountpoint, writable: true, threads })
+    t.is(await serverConnections(listen.port!), conns, 'connections after create')
     const output = d.path('fio.json')
     const r = await run(
       'fio',
@@ -123,6 +141,7 @@ for (const threads of [1, 2]) {
     const report = parseFioReport(await readFile(output, 'utf8'))
     t.is(report.jobs.length, 2)
     for (const job of report.jobs) t.is(job.error, 0, `fio job ${job.jobname} reports error ${job.error}`)
+    t.is(await serverConnections(listen.port!), conns, 'the same connections after fio (none lost or added)')
   })
 }
 

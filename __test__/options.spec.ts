@@ -400,3 +400,17 @@ test('create: a mount that fails in the native core leaves no claim behind', asy
     await mustRun('umount', [readOnly])
   }
 })
+
+test('nbd.requestTimeout: 30 s by default, 0 allowed (never), negative or non-numbers refused', (t) => {
+  const src = { source: 'nbd://127.0.0.1/x', mountpoint: '/mnt' }
+  t.is(normalizeOptions(src).nbd?.requestTimeout, 30)
+  t.is(normalizeOptions({ ...src, nbd: { requestTimeout: 0 } }).nbd?.requestTimeout, 0)
+  t.is(normalizeOptions({ ...src, nbd: { requestTimeout: 2.5 } }).nbd?.requestTimeout, 2.5)
+  for (const bad of [-1, 'x', Number.NaN, 86401]) {
+    const err = t.throws(() => normalizeOptions({ ...src, nbd: { requestTimeout: bad as number } }), {
+      instanceOf: BlockfuseError,
+      message: /nbd\.requestTimeout/,
+    })
+    t.is(err?.code, 'INVALID_OPTION')
+  }
+})

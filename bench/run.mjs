@@ -22,11 +22,12 @@ const USAGE = `Usage: node bench/run.mjs [options]
   --quick            small subset (null and file-direct; randread, randwrite; aio; 1 job; 1 rep)
   --only CELLS       comma-separated cell patterns backend[:rw[:engine[:jN]]], '*' for any part;
                      backend is null, file-direct, file-cached, or file (both file modes), or
-                     qcow2-direct, qcow2-cached, qcow2 (both); qcow2 cells run only when a
-                     pattern names them (not in the default run, --quick or a '*' backend)
+                     qcow2-direct, qcow2-cached, qcow2 (both), or nbd (nbdkit memory); qcow2
+                     and nbd cells run only when a pattern names them (not in the default run,
+                     --quick or a '*' backend)
                      e.g. --only null:randread:aio  or  --only file-direct:*:sync:j2
                      or  --only qcow2-direct:randread:aio,file-direct:randread:aio
-  --peers PEERS      comma-separated peers: blockfuse, qemu, fuser, ceiling, or exact ids like
+  --peers PEERS      comma-separated peers: blockfuse, qemu, fuser, nbdfuse, ceiling, or exact ids like
                      blockfuse-1t, fuser-2t (default: all)
   --threads N        threads of the multi-threaded blockfuse and fuser peers (default: 2)
   --io-uring MODE    blockfuse's --io-uring for both blockfuse peers: auto (default: io_uring
@@ -124,9 +125,12 @@ const BACKENDS = [
   // run stays at its 48 cells. `raw` names the raw backend whose ceiling they share.
   { id: 'qcow2-direct', kind: 'qcow2', cache: 'none', optIn: true, raw: 'file-direct' },
   { id: 'qcow2-cached', kind: 'qcow2', cache: 'writeback', optIn: true, raw: 'file-cached' },
+  // A disk on an NBD server: `nbdkit memory` on a Unix socket, started once for the group. Opt-in
+  // like qcow2. The ceiling is fio's own nbd engine on the same server (no FUSE).
+  { id: 'nbd', kind: 'nbd', optIn: true },
 ]
-/** Backends with an image file (everything but null). */
-const hasImage = (b) => b.kind !== 'null'
+/** Backends with an image file. */
+const hasImage = (b) => b.kind === 'file' || b.kind === 'qcow2'
 const RWS = ['read', 'write', 'randread', 'randwrite']
 const ENGINES = {
   aio: { ioengine: 'libaio', iodepth: 16 },
@@ -178,8 +182,9 @@ function cellMatches(cell, pattern) {
  * measuring it again. bench-fuser serves raw images and null only.
  */
 function peerRuns(peer, backend) {
-  if (peer.family === 'ceiling') return backend.kind === 'file'
-  if (peer.family === 'fuser') return backend.kind !== 'qcow2'
+  if (peer.family === 'ceiling') return backend.kind === 'file' || backend.kind === 'nbd'
+  if (peer.family === 'fuser') return backend.kind === 'null' || backend.kind === 'file'
+  if (peer.family === 'nbdfuse') return backend.kind === 'nbd'
   return true
 }
 
@@ -191,6 +196,8 @@ function peerList(opts) {
     { id: 'qemu', family: 'qemu', threads: 1, label: 'QEMU' },
     { id: 'fuser-1t', family: 'fuser', threads: 1, label: 'fuser 1t' },
     { id: `fuser-${N}t`, family: 'fuser', threads: N, label: `fuser ${N}t` },
+    // libnbd's FUSE server (nbd cells only), with its default connections (4 under multi-conn).
+    { id: 'nbdfuse', family: 'nbdfuse', threads: 0, label: 'nbdfuse' },
     { id: 'ceiling', family: 'ceiling', threads: 0, label: 'ceiling (no FUSE)' },
   ]
   if (!opts.peers.length) return all
@@ -342,6 +349,16 @@ function preflight(opts, peers, cells) {
       run('apt-get', ['install', '-y', '--no-install-recommends', 'qemu-utils'], { stdio: 'inherit' })
     }
     available.set('qemu', which('qemu-storage-daemon') ? null : 'qemu-storage-daemon not installed')
+  }
+  if (families.has('nbdfuse')) {
+    available.set('nbdfuse', which('nbdfuse') ? null : 'nbdfuse not installed (apt-get install libnbd-bin)')
+  }
+  if (cells.some((c) => c.backend.kind === 'nbd')) {
+    if (!which('nbdkit')) throw new Error('nbd cells need nbdkit: apt-get install nbdkit')
+    const engines = spawnSync('fio', ['--enghelp'], { encoding: 'utf8' }).stdout ?? ''
+    if (families.has('ceiling') && !/^\s*nbd$/m.test(engines)) {
+      throw new Error("nbd cells: this fio has no nbd engine for the ceiling (use --peers without 'ceiling')")
+    }
   }
   if (families.has('fuser')) {
     process.stderr.write('bench: building bench-fuser (cargo build --release -p blockfuse-bench-fuser)\n')
@@ -513,7 +530,8 @@ function serverCommand(peer, backend, image, mnt, opts) {
       // An explicit format: no probing of the image's first sector.
       if (backend.kind === 'file') args.push('--format', 'raw', '--cache', backend.cache)
       if (backend.kind === 'qcow2') args.push('--format', 'qcow2', '--cache', backend.cache)
-      args.push(backend.kind === 'null' ? `null:${size}` : image, mnt)
+      if (backend.kind === 'nbd') args.push('--format', 'raw')
+      args.push(backend.kind === 'null' ? `null:${size}` : backend.kind === 'nbd' ? nbdUri(image) : image, mnt)
       return { cmd: process.execPath, args, ready: 'line' }
     }
     case 'fuser': {
@@ -527,16 +545,21 @@ function serverCommand(peer, backend, image, mnt, opts) {
       const blockdevs =
         backend.kind === 'null'
           ? [`null-co,node-name=n,size=${parseSize(size)},read-zeroes=on`]
-          : backend.kind === 'qcow2'
-            ? // locking=off: blockfuse has the same image open while QEMU serves it (all servers of a
-              // group stay mounted). Safe here as every cluster is allocated, so no peer changes
-              // the qcow2 metadata; only data clusters are overwritten.
-              [`file,node-name=f,filename=${image},cache.direct=${direct},locking=off`, 'qcow2,node-name=n,file=f']
-            : [`file,node-name=n,filename=${image},cache.direct=${direct}`]
+          : backend.kind === 'nbd'
+            ? [`nbd,node-name=n,server.type=unix,server.path=${image}`]
+            : backend.kind === 'qcow2'
+              ? // locking=off: blockfuse has the same image open while QEMU serves it (all servers of a
+                // group stay mounted). Safe here as every cluster is allocated, so no peer changes
+                // the qcow2 metadata; only data clusters are overwritten.
+                [`file,node-name=f,filename=${image},cache.direct=${direct},locking=off`, 'qcow2,node-name=n,file=f']
+              : [`file,node-name=n,filename=${image},cache.direct=${direct}`]
       const exp = `fuse,id=e,node-name=n,mountpoint=${mnt},writable=on,allow-other=off`
       const args = [...blockdevs.flatMap((b) => ['--blockdev', b]), '--export', exp]
       return { cmd: 'qemu-storage-daemon', args, ready: 'mount' }
     }
+    case 'nbdfuse':
+      // nbdfuse serves a file inside a directory mountpoint: MNT/nbd.
+      return { cmd: 'nbdfuse', args: [path.join(mnt, 'nbd'), '--unix', image], ready: 'mount' }
     default:
       throw new Error(`no server for ${peer.id}`)
   }
@@ -545,10 +568,14 @@ function serverCommand(peer, backend, image, mnt, opts) {
 async function startServer(peer, backend, image, mntDir, opts) {
   const mnt = path.join(mntDir, peer.id)
   if (isMounted(mnt)) run('umount', ['-l', mnt], { allowFail: true })
-  fs.writeFileSync(mnt, '')
+  fs.rmSync(mnt, { recursive: true, force: true })
+  if (peer.family === 'nbdfuse') fs.mkdirSync(mnt)
+  else fs.writeFileSync(mnt, '')
   const { cmd, args, ready } = serverCommand(peer, backend, image, mnt, opts)
   const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] })
-  const server = { peer, child, mnt, stderr: '', exited: false }
+  // What fio opens: the mountpoint itself, or the file nbdfuse serves inside it.
+  const target = peer.family === 'nbdfuse' ? path.join(mnt, 'nbd') : mnt
+  const server = { peer, child, mnt, target, stderr: '', exited: false }
   live.add(server)
   ourMounts.add(mnt)
   child.stderr.on('data', (d) => {
@@ -598,22 +625,65 @@ async function stopServer(server) {
   live.delete(server)
   ourMounts.delete(mnt)
   try {
-    fs.rmSync(mnt, { force: true })
+    fs.rmSync(mnt, { recursive: true, force: true })
   } catch {}
+}
+
+/** The NBD URI of the bench's nbdkit on Unix socket `socket`. */
+const nbdUri = (socket) => `nbd+unix:///?socket=${socket}`
+
+/**
+ * The NBD server of the nbd cells: `nbdkit memory` (sparse RAM, multi-conn) on a Unix socket in
+ * the foreground, stopped with the group (and by the exit cleanup).
+ */
+async function startNbdkit(workDir, size) {
+  const socket = path.join(workDir, 'nbdkit.sock')
+  fs.rmSync(socket, { force: true })
+  const args = ['--foreground', '--exit-with-parent', '-U', socket, 'memory', String(parseSize(size))]
+  const child = spawn('nbdkit', args, { stdio: ['ignore', 'ignore', 'pipe'] })
+  const server = { peer: { id: 'nbdkit' }, child, mnt: socket, stderr: '', exited: false }
+  live.add(server)
+  child.stderr.on('data', (d) => {
+    server.stderr = (server.stderr + d).slice(-4000)
+  })
+  child.on('exit', () => {
+    server.exited = true
+  })
+  const deadline = Date.now() + 10000
+  while (!fs.existsSync(socket)) {
+    if (server.exited || Date.now() > deadline) {
+      live.delete(server)
+      throw new Error(`nbdkit did not start: ${server.stderr.trim()}`)
+    }
+    await sleep(50)
+  }
+  return { server, socket }
+}
+
+async function stopNbdkit({ server, socket }) {
+  if (!server.exited) server.child.kill('SIGTERM')
+  while (!server.exited) await sleep(50)
+  live.delete(server)
+  fs.rmSync(socket, { force: true })
 }
 
 // ---------------------------------------------------------------------------------------------
 // fio
 
+/** What the ceiling's fio opens: the image, or for nbd cells the server itself. */
+const ceilingTarget = (backend, image) => (backend.kind === 'nbd' ? nbdUri(image) : image)
+
 function fioArgs({ target, rw, engine, jobs, direct, runtime, ramp, output }) {
   const e = ENGINES[engine]
+  // An NBD URI: fio's own nbd engine (libnbd, one connection per job), the same queue depth.
+  const where = target.startsWith('nbd')
+    ? ['--ioengine=nbd', `--uri=${target}`]
+    : [`--filename=${target}`, `--direct=${direct}`, `--ioengine=${e.ioengine}`]
   const args = [
     '--name=bench',
-    `--filename=${target}`,
+    ...where,
     `--rw=${rw}`,
     '--bs=4k',
-    `--direct=${direct}`,
-    `--ioengine=${e.ioengine}`,
     `--iodepth=${e.iodepth}`,
     `--numjobs=${jobs}`,
     '--group_reporting=1',
@@ -644,7 +714,7 @@ function runFio(args) {
 
 /** One measured fio run against `peer`. Returns the metrics and the raw fio JSON. */
 async function measure({ cell, peer, server, image, opts, tmp }) {
-  const target = peer.family === 'ceiling' ? image : server.mnt
+  const target = peer.family === 'ceiling' ? ceilingTarget(cell.backend, image) : server.target
   // The ceiling for page-cache mode is buffered I/O on the image (what the servers do there);
   // everything else is O_DIRECT from fio's side.
   const direct = peer.family === 'ceiling' && cell.backend.cache === 'writeback' ? 0 : 1
@@ -739,12 +809,15 @@ async function main() {
   for (const g of groups) {
     const { backend } = g
     const groupPeers = peers.filter((p) => peerRuns(p, backend))
-    const image = backend.kind === 'qcow2' ? qcow2Image : rawImage
+    let image = backend.kind === 'qcow2' ? qcow2Image : rawImage
     if (hasImage(backend)) {
       ensureImage(rawImage, size)
       if (backend.kind === 'qcow2') ensureQcow2(qcow2Image, rawImage, size)
       prepareCache(image, backend)
     }
+    // nbd cells: the peers' "image" is the nbdkit socket.
+    const nbd = backend.kind === 'nbd' ? await startNbdkit(workDir, opts.imageSize) : null
+    if (nbd) image = nbd.socket
     // All servers of a group stay mounted side by side (idle ones sit in read(2) on /dev/fuse),
     // so each cell can rotate through the peers without remounting.
     const servers = new Map()
@@ -757,7 +830,7 @@ async function main() {
       }
       // Warm-up: first requests allocate buffers, spawn threads, fault pages in.
       for (const p of groupPeers) {
-        const target = p.family === 'ceiling' ? image : servers.get(p.id).mnt
+        const target = p.family === 'ceiling' ? ceilingTarget(backend, image) : servers.get(p.id).target
         const direct = p.family === 'ceiling' && backend.cache === 'writeback' ? 0 : 1
         const output = path.join(tmp, 'warmup.json')
         await runFio(fioArgs({ target, rw: 'randrw', engine: 'aio', jobs: 1, direct, runtime: 1, ramp: 0, output }))
@@ -794,6 +867,7 @@ async function main() {
       }
     } finally {
       for (const s of servers.values()) await stopServer(s)
+      if (nbd) await stopNbdkit(nbd)
     }
   }
   machine.loadEnd = os

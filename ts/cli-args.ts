@@ -101,6 +101,9 @@ Options:
                                  (default: 10)
   --reconnect-delay SECONDS      NBD: how long requests wait for a lost connection
                                  to come back before failing with EIO (default: 10)
+  --request-timeout SECONDS      NBD: a request unanswered this long closes its
+                                 connection (reconnect, then EIO); 0: never
+                                 (default: 30)
   --json                         print one JSON object per line instead of text
   --stats                        report counters once a second while running: with
                                  --json a {"event":"stats",...} line on stdout
@@ -128,6 +131,7 @@ const EXPORT_OPTIONS = {
   'tls-server-name': { type: 'string' },
   'connect-timeout': { type: 'string' },
   'reconnect-delay': { type: 'string' },
+  'request-timeout': { type: 'string' },
   json: { type: 'boolean' },
   stats: { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },
@@ -201,6 +205,7 @@ function parseExport(args: string[]): CliCommand {
   for (const [flag, key] of [
     ['connect-timeout', 'connectTimeout'],
     ['reconnect-delay', 'reconnectDelay'],
+    ['request-timeout', 'requestTimeout'],
   ] as const) {
     const text = values[flag]
     if (text === undefined) continue

@@ -98,6 +98,7 @@ function sourceConfig(resolved: ResolvedFuseExportOptions): Pick<NativeExportCon
       ...(nbd.tlsServerName !== undefined ? { tlsServerName: nbd.tlsServerName } : {}),
       connectTimeoutMs: Math.round(nbd.connectTimeout * 1000),
       reconnectDelayMs: Math.round(nbd.reconnectDelay * 1000),
+      requestTimeoutMs: Math.round(nbd.requestTimeout * 1000),
     },
   }
 }

@@ -41,6 +41,7 @@ export interface NativeNbdConfig {
   tlsServerName?: string
   connectTimeoutMs: number
   reconnectDelayMs: number
+  requestTimeoutMs: number
 }
 
 /** An asynchronous notification from the native core (today only `halt`). */

@@ -65,6 +65,13 @@ export interface NbdOptions {
    * is back. `0` fails them at once. Default: `10`.
    */
   reconnectDelay?: number
+  /**
+   * A request the server has not answered after this many seconds is taken as a sign of a dead
+   * server or a silently dropping network: its connection is closed and replaced (the
+   * `reconnectDelay` window, then EIO). A silent server gives EIO after at most
+   * `2 × requestTimeout + reconnectDelay` (plus a second). `0` waits forever. Default: `30`.
+   */
+  requestTimeout?: number
 }
 
 /** The URI schemes of NBD sources. */
@@ -83,6 +90,7 @@ export interface ResolvedNbdOptions {
   readonly tlsServerName?: string
   readonly connectTimeout: number
   readonly reconnectDelay: number
+  readonly requestTimeout: number
 }
 
 /** Options of {@link FuseExport.create}. */
@@ -383,7 +391,15 @@ export function normalizeOptions(input: unknown): ResolvedFuseExportOptions {
   }
 }
 
-const NBD_KEYS = ['tlsCa', 'tlsCert', 'tlsKey', 'tlsServerName', 'connectTimeout', 'reconnectDelay'] as const
+const NBD_KEYS = [
+  'tlsCa',
+  'tlsCert',
+  'tlsKey',
+  'tlsServerName',
+  'connectTimeout',
+  'reconnectDelay',
+  'requestTimeout',
+] as const
 const MAX_SECONDS = 86400
 
 function normalizeNbd(input: unknown): ResolvedNbdOptions {
@@ -432,6 +448,7 @@ function normalizeNbd(input: unknown): ResolvedNbdOptions {
     ...(serverName !== undefined ? { tlsServerName: serverName } : {}),
     connectTimeout,
     reconnectDelay: seconds('reconnectDelay', 10),
+    requestTimeout: seconds('requestTimeout', 30),
   }
 }
 

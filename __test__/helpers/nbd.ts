@@ -54,6 +54,11 @@ export class NbdServer {
     child.stdout?.setEncoding('utf8').on('data', (d: string) => (this.output += d))
   }
 
+  /** Sends `signal` (e.g. SIGSTOP: a server that stays connected but never answers). */
+  signal(signal: NodeJS.Signals): void {
+    if (this.running) this.#child.kill(signal)
+  }
+
   get running(): boolean {
     return this.#child.exitCode === null && this.#child.signalCode === null
   }

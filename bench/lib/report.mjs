@@ -121,6 +121,9 @@ export function renderTables(cells, peers, nThreads, rawOf = {}) {
     formats = f.join('\n')
   }
 
+  const nbd = renderNbd(cells, bf1, bfN, nThreads)
+  if (nbd) formats = formats ? `${formats}\n\n${nbd}` : nbd
+
   const d = []
   d.push('| cell | peer | IOPS (median) | IOPS min–max | runs | server CPU µs/IO | server peak RSS MiB |')
   d.push('|:---|:---|---:|---:|---:|---:|---:|')
@@ -154,4 +157,24 @@ export function renderMachine(m) {
     }`,
     `- load average at start / end: ${m.loadStart} / ${m.loadEnd ?? '—'}`,
   ].join('\n')
+}
+
+/**
+ * nbd cells (issue 18's targets): each blockfuse peer against the ceiling (fio's nbd engine on
+ * the same server, no FUSE; target >= 0.8) and against nbdfuse (target >= 2). Empty without nbd
+ * cells.
+ */
+function renderNbd(cells, bf1, bfN, nThreads) {
+  const nbd = cells.filter((c) => c.id.startsWith('nbd:'))
+  if (!nbd.length) return ''
+  const f = ['## nbd: blockfuse / ceiling (fio nbd engine) and / nbdfuse (IOPS medians, same run)', '']
+  f.push(`| nbd cell | bf 1t / ceiling | bf ${nThreads}t / ceiling | bf 1t / nbdfuse | bf ${nThreads}t / nbdfuse |`)
+  f.push('|:---|---:|---:|---:|---:|')
+  for (const c of nbd) {
+    const get = (id) => c.peers[id]?.iops
+    f.push(
+      `| \`${c.id}\` | ${ratio(get(bf1), get('ceiling'))} | ${ratio(get(bfN), get('ceiling'))} | ${ratio(get(bf1), get('nbdfuse'))} | ${ratio(get(bfN), get('nbdfuse'))} |`,
+    )
+  }
+  return f.join('\n')
 }

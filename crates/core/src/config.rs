@@ -42,6 +42,8 @@ pub struct NbdSource {
     pub tls: TlsFiles,
     pub connect_timeout: Duration,
     pub reconnect_delay: Duration,
+    /// A request without an answer this long breaks its connection; zero: never.
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -212,6 +214,7 @@ fn open_nbd(src: &NbdSource, cfg: &ExportConfig) -> Result<Backend> {
         writethrough: cfg.writethrough,
         connect_timeout: src.connect_timeout,
         reconnect_delay: src.reconnect_delay,
+        request_timeout: src.request_timeout,
         connections: cfg.threads,
     };
     let backend = NbdBackend::open(&opts).map_err(|e| match e {

@@ -92,6 +92,7 @@ pub struct NativeNbdConfig {
     pub tls_server_name: Option<String>,
     pub connect_timeout_ms: f64,
     pub reconnect_delay_ms: f64,
+    pub request_timeout_ms: f64,
 }
 
 #[napi(object)]
@@ -128,6 +129,7 @@ fn to_core(c: NativeExportConfig) -> Result<ExportConfig> {
             },
             connect_timeout: millis("connectTimeout", n.connect_timeout_ms)?,
             reconnect_delay: millis("reconnectDelay", n.reconnect_delay_ms)?,
+            request_timeout: millis("requestTimeout", n.request_timeout_ms)?,
         }),
         (other, Some(_)) => {
             return Err(invalid(format!("format {other} cannot be used with an NBD source")))

@@ -13,6 +13,7 @@ use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::task::{Poll, Waker};
+use std::time::Instant;
 
 use rustls::ClientConnection;
 
@@ -35,12 +36,15 @@ enum Slot {
     Waiting {
         seq: u32,
         waker: Option<Waker>,
+        /// When it was sent on this connection (the request timeout counts from here).
+        sent: Instant,
     },
     /// Its next reply header was read by another request: the stream is positioned at that
     /// reply's payload and the reader turn belongs to this request.
     Handed {
         seq: u32,
         header: ReplyHeader,
+        sent: Instant,
     },
 }
 
@@ -166,7 +170,19 @@ impl Conn {
         self.socket.shutdown();
     }
 
-    fn acquire(&self) -> u32 {
+    /// When the longest-waiting request in flight was sent, if any (for the request timeout).
+    pub fn oldest_request(&self) -> Option<Instant> {
+        let st = lock(&self.state);
+        st.slots
+            .iter()
+            .filter_map(|s| match s {
+                Slot::Waiting { sent, .. } | Slot::Handed { sent, .. } => Some(*sent),
+                Slot::Free => None,
+            })
+            .min()
+    }
+
+    fn acquire(&self, sent: Instant) -> u32 {
         let mut st = lock(&self.state);
         let seq = st.next_seq;
         st.next_seq = st.next_seq.wrapping_add(1);
@@ -177,7 +193,7 @@ impl Conn {
                 (st.slots.len() - 1) as u32
             }
         };
-        st.slots[idx as usize] = Slot::Waiting { seq, waker: None };
+        st.slots[idx as usize] = Slot::Waiting { seq, waker: None, sent };
         idx
     }
 
@@ -208,7 +224,7 @@ impl Conn {
         if self.is_broken() {
             return Err(Failure::Broken);
         }
-        let idx = self.acquire();
+        let idx = self.acquire(Instant::now());
         let mut guard = InFlight { conn: self, idx, finished: false };
         let cookie = self.cookie(idx);
         let header = proto::request(c.flags, c.cmd, cookie, c.offset, c.len);
@@ -380,9 +396,9 @@ impl Conn {
             let mut st = lock(&self.state);
             let st = &mut *st;
             match &mut st.slots[idx as usize] {
-                Slot::Handed { seq, header } => {
-                    let (seq, header) = (*seq, *header);
-                    st.slots[idx as usize] = Slot::Waiting { seq, waker: None };
+                Slot::Handed { seq, header, sent } => {
+                    let (seq, header, sent) = (*seq, *header, *sent);
+                    st.slots[idx as usize] = Slot::Waiting { seq, waker: None, sent };
                     Poll::Ready(Ok(Some(header)))
                 }
                 Slot::Waiting { waker, .. } => {
@@ -487,14 +503,14 @@ impl Conn {
         let cookie = h.cookie();
         let (seq, idx) = ((cookie >> 32) as u32, cookie as u32);
         let mut st = lock(&self.state);
-        let waker = match st.slots.get_mut(idx as usize) {
-            Some(Slot::Waiting { seq: s, waker }) if *s == seq => waker.take(),
+        let (waker, sent) = match st.slots.get_mut(idx as usize) {
+            Some(Slot::Waiting { seq: s, waker, sent }) if *s == seq => (waker.take(), *sent),
             _ => {
                 drop(st);
                 return Err(self.protocol(proto::ProtoError("reply with an unknown cookie")));
             }
         };
-        st.slots[idx as usize] = Slot::Handed { seq, header: h };
+        st.slots[idx as usize] = Slot::Handed { seq, header: h, sent };
         drop(st);
         if let Some(w) = waker {
             w.wake();

@@ -9,6 +9,12 @@
 //! back). A request is retried on the new connection only if it got no answer, so a write is
 //! acknowledged only when a server confirmed it. Acknowledged writes not yet flushed when a
 //! connection broke may be lost with the server's cache: the next flush reports EIO.
+//!
+//! A server that stays connected but stops answering (or a network that silently drops) is
+//! caught by a watchdog thread: a request without an answer for `request_timeout` breaks its
+//! connection, which then goes the reconnect way above. A request is retried on new
+//! connections only until `reconnect_delay` after the first break it saw, so a server that
+//! accepts connections but never answers cannot keep it waiting either.
 
 pub mod conn;
 pub mod handshake;
@@ -42,6 +48,8 @@ pub struct NbdOptions {
     pub connect_timeout: Duration,
     /// How long requests wait for a broken connection to come back before failing with EIO.
     pub reconnect_delay: Duration,
+    /// A request without an answer for this long breaks its connection; zero: never.
+    pub request_timeout: Duration,
     /// Connections to open when the server allows several (one per queue thread).
     pub connections: usize,
 }
@@ -50,6 +58,8 @@ pub struct NbdOptions {
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default of [`NbdOptions::reconnect_delay`].
 pub const DEFAULT_RECONNECT_DELAY: Duration = Duration::from_secs(10);
+/// The default of [`NbdOptions::request_timeout`] (as the Linux kernel's NBD client).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why the backend could not be opened; maps to an error code.
 #[derive(Debug)]
@@ -85,6 +95,7 @@ struct Shared {
     target: Target,
     info: ExportInfo,
     reconnect_delay: Duration,
+    request_timeout: Duration,
     channels: Vec<Channel>,
     /// Writes acknowledged without FUA, and how many of them a completed flush covered.
     acked: AtomicU64,
@@ -141,11 +152,23 @@ impl NbdBackend {
             target,
             info,
             reconnect_delay: opts.reconnect_delay,
+            request_timeout: opts.request_timeout,
             channels,
             acked: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
             lost_writes: AtomicBool::new(false),
         });
+        if !opts.request_timeout.is_zero() {
+            let weak = Arc::downgrade(&shared);
+            std::thread::Builder::new()
+                .name("blockfuse-nbd-watchdog".into())
+                .spawn(move || watchdog(weak))
+                .map_err(|e| {
+                    OpenError::Connect(ConnectError::Handshake(format!(
+                        "cannot start the NBD request watchdog thread: {e}"
+                    )))
+                })?;
+        }
         let fua = opts.writethrough && info.flags & proto::TFLAG_SEND_FUA != 0;
         Ok(NbdBackend { shared, fua, writable: opts.writable })
     }
@@ -196,6 +219,9 @@ impl NbdBackend {
         buf: &mut [u8],
     ) -> io::Result<Answer> {
         let ch = self.channel();
+        // When this request first saw its connection break: it is retried on new connections
+        // only within the reconnect window from then.
+        let mut first_break: Option<Instant> = None;
         loop {
             let conn = self.conn(ch).await?;
             let expect = match expect {
@@ -209,7 +235,13 @@ impl NbdBackend {
             match conn.call(c, payload, expect, buf).await {
                 Ok(Answer::Error(e)) => return Err(io::Error::from_raw_os_error(proto::errno(e))),
                 Ok(a) => return Ok(a),
-                Err(Failure::Broken) => Shared::connection_lost(&self.shared, ch, &conn),
+                Err(Failure::Broken) => {
+                    Shared::connection_lost(&self.shared, ch, &conn);
+                    let since = *first_break.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.shared.reconnect_delay {
+                        return Err(eio());
+                    }
+                }
                 Err(Failure::Protocol(e)) => {
                     Shared::connection_lost(&self.shared, ch, &conn);
                     log::warn!("NBD request failed: {e}");
@@ -359,6 +391,40 @@ fn reconnect(weak: Weak<Shared>, ch: usize) {
         let wait = if now < deadline { pause.min(deadline - now) } else { pause };
         std::thread::sleep(wait.max(Duration::from_millis(10)));
         pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// The request watchdog: every quarter of the timeout (at most a second), a connection whose
+/// oldest request has waited longer than `request_timeout` is treated as broken. Ends with the
+/// backend.
+fn watchdog(weak: Weak<Shared>) {
+    loop {
+        let Some(shared) = weak.upgrade() else { return };
+        let timeout = shared.request_timeout;
+        let mut open = false;
+        for (ch, channel) in shared.channels.iter().enumerate() {
+            let conn = match &*lock(&channel.state) {
+                State::Up(c) => c.clone(),
+                State::Down { .. } => {
+                    open = true;
+                    continue;
+                }
+                State::Closed => continue,
+            };
+            open = true;
+            if conn.oldest_request().is_some_and(|sent| sent.elapsed() >= timeout) {
+                log::warn!(
+                    "NBD server at {} did not answer a request within {timeout:?}",
+                    shared.target.uri
+                );
+                Shared::connection_lost(&shared, ch, &conn);
+            }
+        }
+        drop(shared);
+        if !open {
+            return;
+        }
+        std::thread::sleep((timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)));
     }
 }
 
