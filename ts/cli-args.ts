@@ -80,6 +80,14 @@ Options:
   --threads N                    number of /dev/fuse queues, 1 to 64 (default: 1)
   --format raw|qcow2|null|auto   image format (default: auto, which probes the header;
                                  null for null:<size>)
+  --offset BYTES, --size BYTES   export a byte range of the disk (units k, M, G, T;
+                                 default: from 0 to the end)
+  --partition N                  export partition N of the disk's MBR (1-4 primary,
+                                 5+ logical) or GPT
+  --snapshot                     writable; writes go to a temporary overlay dropped
+                                 at close, the source is never changed
+  --overlay PATH                 writable; writes go to the qcow2 image PATH whose
+                                 backing file is the source (created if missing)
   --cache writeback|none         host cache for the image file (default: writeback)
   --writethrough                 flush after every write before acknowledging it
   --io-uring auto|on|off         FUSE-over-io_uring: on (fail if unavailable), off
@@ -116,6 +124,11 @@ const EXPORT_OPTIONS = {
   'allow-other': { type: 'string' },
   threads: { type: 'string' },
   format: { type: 'string' },
+  offset: { type: 'string' },
+  size: { type: 'string' },
+  partition: { type: 'string' },
+  snapshot: { type: 'boolean' },
+  overlay: { type: 'string' },
   cache: { type: 'string' },
   writethrough: { type: 'boolean' },
   'io-uring': { type: 'string' },
@@ -174,6 +187,19 @@ function parseExport(args: string[]): CliCommand {
   if (allowOther) options.allowOther = allowOther
   const format = oneOf<ExportFormat>('format', values.format, ['raw', 'qcow2', 'null', 'auto'])
   if (format) options.format = format
+  if (values.offset !== undefined) options.offset = values.offset
+  if (values.size !== undefined) options.size = values.size
+  if (values.partition !== undefined) {
+    if (!/^\d+$/.test(values.partition) || Number(values.partition) < 1) {
+      throw new UsageError(
+        `--partition must be a partition number from 1 (as in sda1), got "${values.partition}"`,
+        'export',
+      )
+    }
+    options.partition = Number(values.partition)
+  }
+  if (values.snapshot) options.snapshot = true
+  if (values.overlay !== undefined) options.overlay = values.overlay
   const cache = oneOf<CacheMode>('cache', values.cache, ['writeback', 'none'])
   if (cache) options.cache = cache
   const ioUring = oneOf<IoUringMode>('io-uring', values['io-uring'], ['auto', 'on', 'off'])

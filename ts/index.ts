@@ -214,6 +214,11 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
         ioUring: resolved.ioUring,
         locking: resolved.locking,
         forceShare: resolved.forceShare,
+        ...(resolved.offset !== undefined ? { offset: resolved.offset } : {}),
+        ...(resolved.size !== undefined ? { size: resolved.size } : {}),
+        ...(resolved.partition !== undefined ? { partition: resolved.partition } : {}),
+        snapshot: resolved.snapshot,
+        ...(resolved.overlay !== undefined ? { overlay: resolved.overlay } : {}),
       }
       let allowOther = resolved.allowOther !== 'off'
       let fallback: string | undefined

@@ -30,6 +30,13 @@ export interface NativeExportConfig {
   forceShare: boolean
   /** An NBD source (then `source` and `nullSize` are unset). */
   nbd?: NativeNbdConfig
+  /** A slice: bytes from `offset` (`size` of them, or to the end), or partition N. */
+  offset?: number
+  size?: number
+  partition?: number
+  snapshot?: boolean
+  /** Absolute path of the qcow2 overlay. */
+  overlay?: string
 }
 
 /** An NBD source as the native core takes it. */

@@ -14,6 +14,7 @@ use crate::backend::{
 };
 use crate::error::{Error, Result};
 use crate::export::{Export, ExportOptions};
+use crate::layers::{self, Layers};
 use crate::sys;
 use crate::transport::{IoUringMode, Session, SessionConfig, SessionEvent, MAX_TRANSFER};
 
@@ -59,6 +60,8 @@ pub struct ExportConfig {
     pub locking: LockMode,
     /// Read-only: share write and resize with others (`qemu-img -U`).
     pub force_share: bool,
+    /// A slice of the disk, a snapshot overlay or a persistent qcow2 overlay (`layers`).
+    pub layers: Layers,
 }
 
 /// Most queues one export may have; each costs a thread and its buffers.
@@ -117,6 +120,9 @@ pub fn start_fake_device(
 }
 
 fn open_export(cfg: &ExportConfig, faults: Option<FaultSpec>) -> Result<Export> {
+    let export_cfg = cfg;
+    // The source as it is opened: read-only under a snapshot, the overlay image under an overlay.
+    let cfg = &layers::source_config(cfg)?;
     if cfg.growable && !cfg.writable {
         return Err(Error::InvalidConfig("growable needs writable".into()));
     }
@@ -181,6 +187,7 @@ fn open_export(cfg: &ExportConfig, faults: Option<FaultSpec>) -> Result<Export> 
             ),
         });
     }
+    let backend = layers::apply(backend, export_cfg)?;
     let backend = match faults {
         Some(spec) => Backend::Fault(FaultBackend::new(backend, spec).map_err(|e| {
             Error::Internal(format!("cannot start the fault injector's timer thread: {e}"))
@@ -189,7 +196,7 @@ fn open_export(cfg: &ExportConfig, faults: Option<FaultSpec>) -> Result<Export> 
     };
     let (uid, gid) = sys::effective_ids();
     let opts = ExportOptions {
-        writable: cfg.writable,
+        writable: export_cfg.writable,
         growable: cfg.growable,
         allow_other: cfg.allow_other,
         writethrough: cfg.writethrough,

@@ -3,18 +3,23 @@
 
 use std::io;
 
+pub mod cow;
 pub mod fault;
 mod file_io;
+pub mod layer;
 pub mod lock;
 mod memory;
 pub mod nbd;
 mod null;
+pub mod partition;
 pub mod probe;
 mod qcow2;
 mod qcow2_overlap;
 mod raw;
 
+pub use cow::Cow;
 pub use fault::{FaultBackend, FaultSpec};
+pub use layer::Layered;
 pub use lock::LockMode;
 pub use memory::MemoryBackend;
 pub use nbd::{NbdBackend, NbdOptions};
@@ -105,6 +110,8 @@ pub enum Backend {
     ProbedRaw(ProbedRaw),
     /// An NBD export probed as raw: first-sector writes are checked like a file's.
     ProbedNbd(ProbedRaw<NbdBackend>),
+    /// A slice of another backend and/or a snapshot overlay over it (see `layer`).
+    Layered(Layered),
     /// Test only: another backend with injected errors and latency (see `fault`).
     Fault(FaultBackend),
 }
@@ -119,6 +126,7 @@ impl Backend {
             Backend::Null(_) => "null",
             Backend::Memory(_) => "memory",
             Backend::Qcow2(_) => "qcow2",
+            Backend::Layered(l) => l.base().format_name(),
             Backend::Fault(f) => f.inner().format_name(),
         }
     }
@@ -134,6 +142,7 @@ macro_rules! dispatch {
             Backend::Nbd($b) => $e,
             Backend::ProbedRaw($b) => $e,
             Backend::ProbedNbd($b) => $e,
+            Backend::Layered($b) => $e,
             Backend::Fault($b) => $e,
         }
     };
