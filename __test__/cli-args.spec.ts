@@ -132,8 +132,8 @@ const usageErrors: Array<[string, string[], RegExp]> = [
   ],
   [
     'a bad --format',
-    ['export', '--format', 'vmdk', 'a', 'b'],
-    /--format must be one of raw, qcow2, null, auto, got "vmdk"/,
+    ['export', '--format', 'vhdx', 'a', 'b'],
+    /--format must be one of raw, qcow2, vmdk, null, auto, got "vhdx"/,
   ],
   ['a bad --cache', ['export', '--cache', 'direct', 'a', 'b'], /--cache must be one of writeback, none/],
   ['a bad --on-halt', ['export', '--on-halt', 'stop', 'a', 'b'], /--on-halt must be one of unmount, keep/],

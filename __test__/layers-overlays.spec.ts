@@ -11,12 +11,12 @@ import { join } from 'node:path'
 
 import test from 'ava'
 
-import { BlockfuseError } from '../ts/index.js'
+import type { BlockfuseError } from '../ts/index.js'
 import { CliProcess, assertCliBuilt } from './helpers/cli.js'
 import { assertE2eEnvironment } from './helpers/env.js'
 import { KiB, MiB, sha256 } from './helpers/files.js'
 import { forceUnmountAll } from './helpers/mounts.js'
-import { NbdServer, qemuNbd } from './helpers/nbd.js'
+import { qemuNbd, type NbdServer } from './helpers/nbd.js'
 import { assertClean, createQcow2, qcow2Dir, qemuIo, type Qcow2Dir } from './helpers/qcow2.js'
 import { client, mustClient, openExport } from './helpers/semantics.js'
 

@@ -94,7 +94,11 @@ const invalidOptions: Array<[string, unknown, RegExp]> = [
   ['a non-boolean writethrough', { ...base, writethrough: 1 }, /"writethrough" must be a boolean, got 1/],
   ['an unknown ioUring mode', { ...base, ioUring: 'yes' }, /"ioUring" must be one of "auto", "on", "off", got "yes"/],
   ['growable without writable', { ...base, growable: true }, /"growable" needs "writable: true"/],
-  ['a bad format', { ...base, format: 'vmdk' }, /"format" must be one of "raw", "qcow2", "null", "auto", got "vmdk"/],
+  [
+    'a bad format',
+    { ...base, format: 'vhdx' },
+    /"format" must be one of "raw", "qcow2", "vmdk", "null", "auto", got "vhdx"/,
+  ],
   ['format null with a path', { ...base, format: 'null' }, /"format" is "null" but "source" is a path \("\/img.raw"\)/],
   [
     'format raw with a null source',

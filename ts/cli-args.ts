@@ -78,8 +78,9 @@ Options:
   --growable                     let writes past the end grow the image (needs --writable)
   --allow-other on|off|auto      let other users access the file (default: auto)
   --threads N                    number of /dev/fuse queues, 1 to 64 (default: 1)
-  --format raw|qcow2|null|auto   image format (default: auto, which probes the header;
-                                 null for null:<size>)
+  --format raw|qcow2|vmdk|null|auto
+                                 image format (default: auto, which probes the header;
+                                 null for null:<size>; vmdk is read-only)
   --offset BYTES, --size BYTES   export a byte range of the disk (units k, M, G, T;
                                  default: from 0 to the end)
   --partition N                  export partition N of the disk's MBR (1-4 primary,
@@ -185,7 +186,7 @@ function parseExport(args: string[]): CliCommand {
   if (values.writethrough) options.writethrough = true
   const allowOther = oneOf<AllowOther>('allow-other', values['allow-other'], ['on', 'off', 'auto'])
   if (allowOther) options.allowOther = allowOther
-  const format = oneOf<ExportFormat>('format', values.format, ['raw', 'qcow2', 'null', 'auto'])
+  const format = oneOf<ExportFormat>('format', values.format, ['raw', 'qcow2', 'vmdk', 'null', 'auto'])
   if (format) options.format = format
   if (values.offset !== undefined) options.offset = values.offset
   if (values.size !== undefined) options.size = values.size

@@ -124,7 +124,7 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
   readonly options: ResolvedFuseExportOptions
   /** The mountpoint (absolute real path). */
   readonly mountpoint: string
-  /** The format served: `'raw'`, `'qcow2'` or `'null'` (what probing found for `format: 'auto'`). */
+  /** The format served: `'raw'`, `'qcow2'`, `'vmdk'` or `'null'` (what probing found for `format: 'auto'`). */
   readonly format: ServedFormat
   /** Whether the mount uses `allow_other` (how `allowOther: 'auto'` was resolved). */
   readonly allowOther: boolean

@@ -82,7 +82,7 @@ export interface NativeExport {
   close(): Promise<void>
   stats(): NativeStats
   readonly size: number
-  /** 'raw' | 'qcow2' | 'null': the format served ('' once closed). */
+  /** 'raw' | 'qcow2' | 'vmdk' | 'null': the format served ('' once closed). */
   readonly format: string
   /** Whether requests come through FUSE-over-io_uring (false once closed). */
   readonly ioUring: boolean
@@ -184,6 +184,6 @@ export function nativeVersion(): string {
 /** The format `native` serves, checked (the native core names it; 'auto' never reaches here). */
 export function nativeFormat(native: NativeExport): ServedFormat {
   const format = native.format
-  if (format === 'raw' || format === 'qcow2' || format === 'null') return format
+  if (format === 'raw' || format === 'qcow2' || format === 'vmdk' || format === 'null') return format
   throw new BlockfuseError('INTERNAL', `the native core reports an unknown format "${format}"`)
 }

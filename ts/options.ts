@@ -15,12 +15,13 @@ import { isExported } from './registry.js'
 
 /**
  * Image format: `raw` is a file (or block device) used as is; `qcow2` is a qcow2 image (v2 or v3,
- * with its backing chain) presented as the disk it describes; `null` reads zeros and drops writes;
- * `auto` probes the image header (qcow2 magic → `qcow2`, else `raw`). A raw image found by probing
+ * with its backing chain) presented as the disk it describes; `vmdk` is a VMDK descriptor with flat
+ * extents (read-only; `snapshot` makes it writable); `null` reads zeros and drops writes;
+ * `auto` probes the image header (qcow2 magic → `qcow2`, a vmdk descriptor → `vmdk`, else `raw`). A raw image found by probing
  * refuses writes that would make its first sector look like another format (EPERM); give `'raw'`
  * to lift that (see docs/formats.md).
  */
-export type ExportFormat = 'raw' | 'qcow2' | 'null' | 'auto'
+export type ExportFormat = 'raw' | 'qcow2' | 'vmdk' | 'null' | 'auto'
 /** The format an export serves: what `auto` resolved to. */
 export type ServedFormat = Exclude<ExportFormat, 'auto'>
 /** Whether other users may access the export (`allow_other` mount option). */
@@ -377,7 +378,7 @@ export function normalizeOptions(input: unknown): ResolvedFuseExportOptions {
   const format = optionalEnum<ExportFormat>(
     options,
     'format',
-    ['raw', 'qcow2', 'null', 'auto'],
+    ['raw', 'qcow2', 'vmdk', 'null', 'auto'],
     isNull ? 'null' : 'auto',
   )
   if (format === 'null' && !isNull) {

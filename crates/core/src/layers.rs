@@ -131,7 +131,9 @@ fn find_slice(disk: &Backend, slice: Slice, name: &str) -> Result<(u64, u64)> {
 
 fn source_name(source: &Source) -> String {
     match source {
-        Source::Raw(p) | Source::Qcow2(p) | Source::Auto(p) => p.display().to_string(),
+        Source::Raw(p) | Source::Qcow2(p) | Source::Vmdk(p) | Source::Auto(p) => {
+            p.display().to_string()
+        }
         Source::Null(_) => "the null image".into(),
         Source::Nbd(src) => src.uri.clone(),
     }

@@ -63,7 +63,7 @@ fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 
 #[napi(object)]
 pub struct NativeExportConfig {
-    /// 'raw' | 'qcow2' | 'null' | 'auto'
+    /// 'raw' | 'qcow2' | 'vmdk' | 'null' | 'auto'
     pub format: String,
     pub source: Option<String>,
     pub null_size: Option<f64>,
@@ -144,6 +144,7 @@ fn to_core(c: NativeExportConfig) -> Result<ExportConfig> {
         (format, None) => match format {
             "raw" => Source::Raw(path("raw", c.source)?),
             "qcow2" => Source::Qcow2(path("qcow2", c.source)?),
+            "vmdk" => Source::Vmdk(path("vmdk", c.source)?),
             "auto" => Source::Auto(path("auto", c.source)?),
             "null" => {
                 let size =

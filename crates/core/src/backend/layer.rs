@@ -21,6 +21,7 @@ macro_rules! base {
             Backend::Null($x) => $e,
             Backend::Memory($x) => $e,
             Backend::Qcow2($x) => $e,
+            Backend::Vmdk($x) => $e,
             Backend::Nbd($x) => $e,
             Backend::ProbedRaw($x) => $e,
             Backend::ProbedNbd($x) => $e,

@@ -16,6 +16,7 @@ pub mod probe;
 mod qcow2;
 mod qcow2_overlap;
 mod raw;
+mod vmdk;
 
 pub use cow::Cow;
 pub use fault::{FaultBackend, FaultSpec};
@@ -27,6 +28,7 @@ pub use null::NullBackend;
 pub use probe::ProbedRaw;
 pub use qcow2::{Qcow2Backend, Qcow2Options};
 pub use raw::{CacheMode, RawBackend, RawOptions};
+pub use vmdk::VmdkBackend;
 
 /// An image refused at open for a reason with its own stable code (`IMAGE_LOCKED`,
 /// `IMAGE_TOO_LARGE`, ...). Travels inside an `io::Error`; [`refusal_of`] finds it again.
@@ -104,6 +106,8 @@ pub enum Backend {
     Null(NullBackend),
     Memory(MemoryBackend),
     Qcow2(Qcow2Backend),
+    /// A VMDK descriptor with flat extents, read-only.
+    Vmdk(VmdkBackend),
     /// A disk on an NBD server.
     Nbd(NbdBackend),
     /// A raw image found by probing: first-sector writes are checked (see `probe`).
@@ -117,7 +121,7 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// The image format served: `raw`, `qcow2` or `null` (`memory` in tests). A probed image
+    /// The image format served: `raw`, `qcow2`, `vmdk` or `null` (`memory` in tests). A probed image
     /// reports what probing found.
     pub fn format_name(&self) -> &'static str {
         match self {
@@ -126,6 +130,7 @@ impl Backend {
             Backend::Null(_) => "null",
             Backend::Memory(_) => "memory",
             Backend::Qcow2(_) => "qcow2",
+            Backend::Vmdk(_) => "vmdk",
             Backend::Layered(l) => l.base().format_name(),
             Backend::Fault(f) => f.inner().format_name(),
         }
@@ -139,6 +144,7 @@ macro_rules! dispatch {
             Backend::Null($b) => $e,
             Backend::Memory($b) => $e,
             Backend::Qcow2($b) => $e,
+            Backend::Vmdk($b) => $e,
             Backend::Nbd($b) => $e,
             Backend::ProbedRaw($b) => $e,
             Backend::ProbedNbd($b) => $e,

@@ -36,6 +36,11 @@ pub fn prepare(path: &Path, source: &Source) -> Result<PathBuf> {
                     ))))
                 }
             },
+            Source::Vmdk(p) => {
+                return Err(open_err(p)(io::Error::other(
+                    "a vmdk image cannot back a qcow2 overlay here; use snapshot",
+                )))
+            }
             Source::Null(_) | Source::Nbd(_) => return Err(Error::InvalidConfig(
                 "an overlay needs an image file as its source (its backing file); use snapshot \
                  for a temporary overlay of this source"
