@@ -67,7 +67,7 @@ export const EXPORT_USAGE = `Usage: blockfuse export [options] <source> <mountpo
 
 Export <source> on <mountpoint> (an existing regular file) until SIGINT, SIGTERM
 or SIGHUP, which drain in-flight requests and unmount.
-<source> is a path of an image (raw or qcow2), an NBD URI (nbd://host[:port]/export,
+<source> is a path of an image (raw, qcow2 or vmdk), an NBD URI (nbd://host[:port]/export,
 nbd+unix:///export?socket=PATH, with TLS nbds:// or nbds+unix://; see
 docs/remote.md), or null:<size> for a null backend that reads zeros (e.g.
 null:1G; units k, M, G, T are binary). Prints a line starting with "ready" once
