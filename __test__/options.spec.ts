@@ -33,6 +33,7 @@ test('defaults are applied and paths made absolute', (t) => {
     format: 'auto',
     writable: false,
     growable: false,
+    snapshot: false,
     allowOther: 'auto',
     threads: 1,
     cache: 'writeback',
