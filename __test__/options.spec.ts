@@ -95,6 +95,28 @@ const invalidOptions: Array<[string, unknown, RegExp]> = [
   ['a non-boolean writethrough', { ...base, writethrough: 1 }, /"writethrough" must be a boolean, got 1/],
   ['an unknown ioUring mode', { ...base, ioUring: 'yes' }, /"ioUring" must be one of "auto", "on", "off", got "yes"/],
   ['growable without writable', { ...base, growable: true }, /"growable" needs "writable: true"/],
+  ['partition 0', { ...base, partition: 0 }, /"partition" must be a partition number from 1/],
+  ['a fractional partition', { ...base, partition: 1.5 }, /"partition" must be a partition number from 1/],
+  ['partition with offset', { ...base, partition: 1, offset: '1M' }, /"partition" excludes "offset" and "size"/],
+  ['a negative offset', { ...base, offset: -512 }, /"offset" -512 is invalid: it must not be negative/],
+  ['a zero size', { ...base, size: 0 }, /"size" 0 is invalid: it must be greater than 0/],
+  ['a size with a bad unit', { ...base, size: '1X' }, /"size" "1X" is invalid: expected a decimal integer/],
+  [
+    'snapshot with overlay',
+    { ...base, snapshot: true, overlay: '/ov.qcow2' },
+    /"snapshot" and "overlay" exclude each other/,
+  ],
+  ['an empty overlay path', { ...base, overlay: '' }, /"overlay" must be a non-empty path/],
+  [
+    'an overlay of a null source',
+    { source: { null: '1M' }, mountpoint: '/mnt', overlay: '/ov.qcow2' },
+    /"overlay" needs an image file/,
+  ],
+  [
+    'growable with a snapshot',
+    { ...base, writable: true, growable: true, snapshot: true },
+    /"growable" cannot be used with a slice, a snapshot or an overlay/,
+  ],
   [
     'a bad format',
     { ...base, format: 'vhdx' },

@@ -319,7 +319,8 @@ function sliceBytes(options: Record<string, unknown>, key: 'offset' | 'size'): n
   if (value === undefined) return undefined
   const fail = (why: string) => invalid(`option "${key}" ${describe(value)} is invalid: ${why}`)
   const bytes = byteCount(value, fail)
-  if (bytes < 0n || (key === 'size' && bytes === 0n)) throw fail(`it must be greater than ${key === 'size' ? 0 : -1}`)
+  if (bytes < 0n) throw fail('it must not be negative')
+  if (key === 'size' && bytes === 0n) throw fail('it must be greater than 0')
   if (bytes > MAX_SIZE) throw fail('it must be at most 2^53-1 bytes')
   return Number(bytes)
 }
