@@ -235,3 +235,55 @@ impl Cow {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemoryBackend;
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    }
+
+    /// A base of 3.5 clusters, each byte its offset's low bits; the overlay over it.
+    fn setup() -> (Backend, Cow, Vec<u8>) {
+        let len = 3 * CLUSTER as usize + CLUSTER as usize / 2;
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let base = Backend::Memory(MemoryBackend::new(data.clone()));
+        let cow = Cow::new(&std::env::temp_dir(), len as u64).unwrap();
+        (base, cow, data)
+    }
+
+    fn read_all(cow: &Cow, base: &Backend, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        block_on(cow.read_at(base, &mut out, 0)).unwrap();
+        out
+    }
+
+    #[test]
+    fn partial_writes_copy_up_the_rest_of_the_cluster_and_leave_the_base_alone() {
+        let (base, cow, mut expected) = setup();
+        // Across the first cluster boundary, and into the short last cluster.
+        for (at, len, byte) in [(CLUSTER - 10, 20, 0xaa), (3 * CLUSTER + 5, 7, 0xbb)] {
+            block_on(cow.write_at(&base, &vec![byte; len], at)).unwrap();
+            expected[at as usize..at as usize + len].fill(byte);
+        }
+        assert_eq!(read_all(&cow, &base, expected.len()), expected);
+        let Backend::Memory(m) = &base else { unreachable!() };
+        assert_ne!(m.snapshot(), expected, "the base is never written");
+        assert!(cow.is_copied(0) && cow.is_copied(1) && !cow.is_copied(2) && cow.is_copied(3));
+    }
+
+    #[test]
+    fn zeroes_and_extents_combine_overlay_and_base() {
+        let (base, cow, mut expected) = setup();
+        // Whole cluster 1 punched, with partial edges in clusters 0 and 2.
+        let (at, len) = (CLUSTER - 100, CLUSTER + 200);
+        block_on(cow.write_zeroes(&base, at, len, true)).unwrap();
+        expected[at as usize..(at + len) as usize].fill(0);
+        assert_eq!(read_all(&cow, &base, expected.len()), expected);
+        // Cluster 1 is a hole in the scratch file; the memory base is data throughout.
+        assert_eq!(block_on(cow.extent_at(&base, CLUSTER)).unwrap(), Extent::Hole(CLUSTER));
+        assert_eq!(block_on(cow.extent_at(&base, 3 * CLUSTER)).unwrap(), Extent::Data(CLUSTER / 2));
+    }
+}
