@@ -18,20 +18,12 @@ import { KiB, MiB, sha256 } from './helpers/files.js'
 import { forceUnmountAll } from './helpers/mounts.js'
 import { qemuNbd, type NbdServer } from './helpers/nbd.js'
 import { assertClean, createQcow2, qcow2Dir, qemuIo, type Qcow2Dir } from './helpers/qcow2.js'
-import { client, mustClient, openExport } from './helpers/semantics.js'
+import { client, fillBytes, mustClient, openExport } from './helpers/semantics.js'
 
 test.before(() => {
   assertE2eEnvironment(['qemu-img', 'qemu-io', 'qemu-nbd', 'sgdisk', 'mkfs.ext4', 'fsck.ext4', 'dd'])
   assertCliBuilt()
 })
-
-/** Writes `len` bytes of `byte` at `offset` of `path` through dd (fsync, no truncation). */
-async function fill(path: string, offset: number, len: number, byte: number): Promise<void> {
-  await mustClient('sh', [
-    '-c',
-    `head -c ${len} /dev/zero | tr '\\0' '\\${byte.toString(8)}' | dd of='${path}' bs=64k seek=${offset} oflag=seek_bytes conv=notrunc,fsync status=none`,
-  ])
-}
 
 /** The writes every overlay test makes: unaligned, across 64 KiB clusters, and at the end. */
 const WRITES: Array<[offset: number, len: number, byte: number]> = [
@@ -44,8 +36,8 @@ const WRITES: Array<[offset: number, len: number, byte: number]> = [
 /** Applies {@link WRITES} to `path`, and to `mirror` (a raw file) if given. */
 async function writeAll(path: string, mirror?: string): Promise<void> {
   for (const [offset, len, byte] of WRITES) {
-    await fill(path, offset, len, byte)
-    if (mirror) await fill(mirror, offset, len, byte)
+    await fillBytes(path, offset, len, byte)
+    if (mirror) await fillBytes(mirror, offset, len, byte)
   }
 }
 
@@ -87,7 +79,7 @@ test('snapshot of a raw and of a qcow2 source: writes read back, the source keep
     t.true(exp.options.writable, 'snapshot implies writable')
     await writeAll(d.mountpoint, mirror)
     await mustClient('fallocate', ['-p', '-o', String(1 * MiB), '-l', String(200 * KiB), d.mountpoint])
-    await fill(mirror, 1 * MiB, 200 * KiB, 0)
+    await fillBytes(mirror, 1 * MiB, 200 * KiB, 0)
     await assertServes(t, d.mountpoint, mirror)
     await exp.close()
     t.is(await sha256(source), hash, `${format}: source bytes`)
@@ -187,8 +179,8 @@ test('overlay PATH: created with a relative backing name; qemu-img info, check a
   // Reused: earlier writes are there, new ones add to them.
   exp = await openExport(t, { source, mountpoint: d.mountpoint, format: 'raw', overlay })
   await assertServes(t, d.mountpoint, mirror)
-  await fill(d.mountpoint, 5 * MiB, 64 * KiB, 0o110)
-  await fill(mirror, 5 * MiB, 64 * KiB, 0o110)
+  await fillBytes(d.mountpoint, 5 * MiB, 64 * KiB, 0o110)
+  await fillBytes(mirror, 5 * MiB, 64 * KiB, 0o110)
   await exp.close()
   t.is((await client('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', mirror, overlay])).code, 0)
   // qemu-img commit merges it into the source.

@@ -13,7 +13,7 @@ import { BlockfuseError } from '../ts/index.js'
 import { assertE2eEnvironment } from './helpers/env.js'
 import { KiB, MiB } from './helpers/files.js'
 import { qcow2Dir } from './helpers/qcow2.js'
-import { client, mustClient, openExport, seekProbes, sizeOf } from './helpers/semantics.js'
+import { client, fillBytes, mustClient, openExport, seekProbes, sizeOf } from './helpers/semantics.js'
 
 test.before(() => {
   assertE2eEnvironment(['sfdisk', 'sgdisk', 'mkfs.ext4', 'fsck.ext4', 'qemu-img', 'dd', 'truncate', 'fallocate'])
@@ -64,14 +64,6 @@ async function gptDisk(path: string): Promise<Part[]> {
 async function bytesAt(path: string, offset: number, len: number): Promise<Buffer> {
   const data = await readFile(path)
   return data.subarray(offset, offset + len)
-}
-
-/** Fills `len` bytes at `offset` of `path` with `byte` (dd, no truncation). */
-async function fill(path: string, offset: number, len: number, byte: number): Promise<void> {
-  await mustClient('sh', [
-    '-c',
-    `head -c ${len} /dev/zero | tr '\\0' '\\${byte.toString(8)}' | dd of='${path}' bs=64k seek=${offset} oflag=seek_bytes conv=notrunc,fsync status=none`,
-  ])
 }
 
 test('MBR partition 1: its size; mkfs.ext4 inside it is clean for fsck.ext4 -n; bytes outside it unchanged', async (t) => {
@@ -128,8 +120,8 @@ test('MBR logical partitions 5 and 6: writes land at their offsets; the extended
       partition: n,
     })
     t.is(exp.size, p.size, `partition ${n}`)
-    await fill(d.mountpoint, 0, 64 * KiB, byte)
-    await fill(d.mountpoint, p.size - 4 * KiB, 4 * KiB, byte)
+    await fillBytes(d.mountpoint, 0, 64 * KiB, byte)
+    await fillBytes(d.mountpoint, p.size - 4 * KiB, 4 * KiB, byte)
     await exp.close()
     t.true((await bytesAt(disk, p.start, 64 * KiB)).equals(Buffer.alloc(64 * KiB, byte)), `start of ${n}`)
     t.true(
@@ -157,7 +149,7 @@ test('GPT partitions (sgdisk), raw and inside a qcow2 image: each reads as its b
   const disk = d.path('disk.raw')
   const parts = await gptDisk(disk)
   t.is(parts.length, 3)
-  for (const [i, p] of parts.entries()) await fill(disk, p.start + 512 * i, 96 * KiB, 0o141 + i)
+  for (const [i, p] of parts.entries()) await fillBytes(disk, p.start + 512 * i, 96 * KiB, 0o141 + i)
   const qcow2 = d.path('disk.qcow2')
   await mustClient('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', disk, qcow2])
   for (const [source, format] of [
@@ -184,9 +176,9 @@ test('offset/size: EOF of the slice (ENOSPC past it), SEEK_DATA/HOLE and punch-h
   const disk = d.path('disk.raw')
   await mustClient('truncate', ['-s', String(8 * MiB), disk])
   // Data at [1M, 1M+64k) and [3M, 3M+64k) of the disk; the slice is [1M, 4M).
-  await fill(disk, 1 * MiB, 64 * KiB, 0o61)
-  await fill(disk, 3 * MiB, 64 * KiB, 0o62)
-  await fill(disk, 4 * MiB, 64 * KiB, 0o63)
+  await fillBytes(disk, 1 * MiB, 64 * KiB, 0o61)
+  await fillBytes(disk, 3 * MiB, 64 * KiB, 0o62)
+  await fillBytes(disk, 4 * MiB, 64 * KiB, 0o63)
   const exp = await openExport(t, {
     source: disk,
     mountpoint: d.mountpoint,
