@@ -175,3 +175,40 @@ fn parse_header(head: &[u8]) -> std::result::Result<Header, String> {
     }
     Ok(Header { backing, backing_format })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A v3 header of `header_len` bytes naming `backing`, with a backing-format extension.
+    fn v3(backing: &str, format: &str) -> Vec<u8> {
+        let mut h = vec![0u8; 104];
+        h[..4].copy_from_slice(&probe::QCOW2_MAGIC);
+        h[4..8].copy_from_slice(&3u32.to_be_bytes());
+        h[100..104].copy_from_slice(&104u32.to_be_bytes());
+        h.extend_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+        h.extend_from_slice(&(format.len() as u32).to_be_bytes());
+        h.extend_from_slice(format.as_bytes());
+        h.resize(h.len().next_multiple_of(8), 0);
+        h.extend_from_slice(&[0u8; 8]);
+        let at = h.len() as u64;
+        h[8..16].copy_from_slice(&at.to_be_bytes());
+        h[16..20].copy_from_slice(&(backing.len() as u32).to_be_bytes());
+        h.extend_from_slice(backing.as_bytes());
+        h
+    }
+
+    #[test]
+    fn backing_name_and_format_are_read_from_the_header() {
+        let h = parse_header(&v3("../base.raw", "raw")).unwrap();
+        assert_eq!(h.backing.as_deref(), Some("../base.raw"));
+        assert_eq!(h.backing_format.as_deref(), Some("raw"));
+        let mut none = v3("x", "qcow2");
+        none[8..16].fill(0);
+        assert_eq!(parse_header(&none).unwrap().backing, None);
+        assert!(parse_header(b"not qcow2").unwrap_err().contains("not a qcow2"));
+        let mut cut = v3("../base.raw", "raw");
+        cut.truncate(cut.len() - 3);
+        assert!(parse_header(&cut).unwrap_err().contains("out of reach"));
+    }
+}
