@@ -83,12 +83,12 @@ test('--stats is a flag of its own, with or without --json, in any position', (t
   )
 })
 
-test('--format takes raw, qcow2, null and auto; the usage names them and the auto default', (t) => {
-  for (const format of ['raw', 'qcow2', 'null', 'auto']) {
+test('--format takes raw, qcow2, vmdk, null and auto; the usage names them and the auto default', (t) => {
+  for (const format of ['raw', 'qcow2', 'vmdk', 'null', 'auto']) {
     const source = format === 'null' ? 'null:1G' : 'a'
     t.like(parseCliArgs(['export', '--format', format, source, 'b']), { options: { format } })
   }
-  t.regex(EXPORT_USAGE, /--format raw\|qcow2\|null\|auto +image format \(default: auto/)
+  t.regex(EXPORT_USAGE, /--format raw\|qcow2\|vmdk\|null\|auto\s+image format \(default: auto/)
 })
 
 test('the export usage documents --stats', (t) => {
@@ -132,8 +132,8 @@ const usageErrors: Array<[string, string[], RegExp]> = [
   ],
   [
     'a bad --format',
-    ['export', '--format', 'vmdk', 'a', 'b'],
-    /--format must be one of raw, qcow2, null, auto, got "vmdk"/,
+    ['export', '--format', 'vhdx', 'a', 'b'],
+    /--format must be one of raw, qcow2, vmdk, null, auto, got "vhdx"/,
   ],
   ['a bad --cache', ['export', '--cache', 'direct', 'a', 'b'], /--cache must be one of writeback, none/],
   ['a bad --on-halt', ['export', '--on-halt', 'stop', 'a', 'b'], /--on-halt must be one of unmount, keep/],
@@ -189,4 +189,18 @@ test('--request-timeout sets nbd.requestTimeout; a non-number is a usage error',
     instanceOf: UsageError,
     message: /--request-timeout/,
   })
+})
+
+test('slice and overlay flags map to offset, size, partition, snapshot and overlay; a bad --partition is a usage error', (t) => {
+  t.like(parseCliArgs(['export', '--offset', '1M', '--size', '64M', '--snapshot', 'a', 'b']), {
+    options: { offset: '1M', size: '64M', snapshot: true },
+  })
+  t.like(parseCliArgs(['export', '--partition', '5', '--overlay', 'ov.qcow2', 'a', 'b']), {
+    options: { partition: 5, overlay: 'ov.qcow2' },
+  })
+  for (const bad of ['0', 'x', '1.5']) {
+    t.throws(() => parseCliArgs(['export', '--partition', bad, 'a', 'b']), {
+      message: /--partition must be a partition number from 1/,
+    })
+  }
 })

@@ -91,7 +91,7 @@ for (const [what, args, message] of [
     ['export', '--format', 'qcow2', 'null:1G', 'b'],
     /--format qcow2 needs an image path/,
   ],
-  ['a bad --format', ['export', '--format', 'vmdk', 'a', 'b'], /--format must be one of raw, qcow2, null, auto/],
+  ['a bad --format', ['export', '--format', 'vhdx', 'a', 'b'], /--format must be one of raw, qcow2, vmdk, null, auto/],
   ['a bad --cache', ['export', '--cache', 'direct', 'a', 'b'], /--cache must be one of writeback, none/],
   ['a bad --io-uring', ['export', '--io-uring', 'yes', 'a', 'b'], /--io-uring must be one of auto, on, off/],
   ['a bad --on-halt', ['export', '--on-halt', 'stop', 'a', 'b'], /--on-halt must be one of unmount, keep/],

@@ -127,9 +127,9 @@ test('the CLI ready line names the probed format, not auto', async (t) => {
 
 test('format auto refuses an image that looks like a format blockfuse cannot read', async (t) => {
   const d = await qcow2Dir(t)
-  const image = d.path('disk.vmdk')
-  await client('qemu-img', ['create', '-q', '-f', 'vmdk', image, '4M'])
+  const image = d.path('disk.vhdx')
+  await client('qemu-img', ['create', '-q', '-f', 'vhdx', image, '4M'])
   const err = await t.throwsAsync<Error & { code?: string }>(openExport(t, { source: image, mountpoint: d.mountpoint }))
   t.is(err?.code, 'SOURCE_OPEN_FAILED')
-  t.regex(err?.message ?? '', /looks like vmdk.*format raw/)
+  t.regex(err?.message ?? '', /looks like vhdx.*format raw/)
 })

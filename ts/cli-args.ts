@@ -67,7 +67,7 @@ export const EXPORT_USAGE = `Usage: blockfuse export [options] <source> <mountpo
 
 Export <source> on <mountpoint> (an existing regular file) until SIGINT, SIGTERM
 or SIGHUP, which drain in-flight requests and unmount.
-<source> is a path of an image (raw or qcow2), an NBD URI (nbd://host[:port]/export,
+<source> is a path of an image (raw, qcow2 or vmdk), an NBD URI (nbd://host[:port]/export,
 nbd+unix:///export?socket=PATH, with TLS nbds:// or nbds+unix://; see
 docs/remote.md), or null:<size> for a null backend that reads zeros (e.g.
 null:1G; units k, M, G, T are binary). Prints a line starting with "ready" once
@@ -78,8 +78,17 @@ Options:
   --growable                     let writes past the end grow the image (needs --writable)
   --allow-other on|off|auto      let other users access the file (default: auto)
   --threads N                    number of /dev/fuse queues, 1 to 64 (default: 1)
-  --format raw|qcow2|null|auto   image format (default: auto, which probes the header;
-                                 null for null:<size>)
+  --format raw|qcow2|vmdk|null|auto
+                                 image format (default: auto, which probes the header;
+                                 null for null:<size>; vmdk is read-only)
+  --offset BYTES, --size BYTES   export a byte range of the disk (units k, M, G, T;
+                                 default: from 0 to the end)
+  --partition N                  export partition N of the disk's MBR (1-4 primary,
+                                 5+ logical) or GPT
+  --snapshot                     writable; writes go to a temporary overlay dropped
+                                 at close, the source is never changed
+  --overlay PATH                 writable; writes go to the qcow2 image PATH whose
+                                 backing file is the source (created if missing)
   --cache writeback|none         host cache for the image file (default: writeback)
   --writethrough                 flush after every write before acknowledging it
   --io-uring auto|on|off         FUSE-over-io_uring: on (fail if unavailable), off
@@ -119,6 +128,11 @@ const EXPORT_OPTIONS = {
   'allow-other': { type: 'string' },
   threads: { type: 'string' },
   format: { type: 'string' },
+  offset: { type: 'string' },
+  size: { type: 'string' },
+  partition: { type: 'string' },
+  snapshot: { type: 'boolean' },
+  overlay: { type: 'string' },
   cache: { type: 'string' },
   writethrough: { type: 'boolean' },
   'io-uring': { type: 'string' },
@@ -176,8 +190,21 @@ function parseExport(args: string[]): CliCommand {
   if (values.writethrough) options.writethrough = true
   const allowOther = oneOf<AllowOther>('allow-other', values['allow-other'], ['on', 'off', 'auto'])
   if (allowOther) options.allowOther = allowOther
-  const format = oneOf<ExportFormat>('format', values.format, ['raw', 'qcow2', 'null', 'auto'])
+  const format = oneOf<ExportFormat>('format', values.format, ['raw', 'qcow2', 'vmdk', 'null', 'auto'])
   if (format) options.format = format
+  if (values.offset !== undefined) options.offset = values.offset
+  if (values.size !== undefined) options.size = values.size
+  if (values.partition !== undefined) {
+    if (!/^\d+$/.test(values.partition) || Number(values.partition) < 1) {
+      throw new UsageError(
+        `--partition must be a partition number from 1 (as in sda1), got "${values.partition}"`,
+        'export',
+      )
+    }
+    options.partition = Number(values.partition)
+  }
+  if (values.snapshot) options.snapshot = true
+  if (values.overlay !== undefined) options.overlay = values.overlay
   const cache = oneOf<CacheMode>('cache', values.cache, ['writeback', 'none'])
   if (cache) options.cache = cache
   const ioUring = oneOf<IoUringMode>('io-uring', values['io-uring'], ['auto', 'on', 'off'])

@@ -125,7 +125,7 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
   readonly options: ResolvedFuseExportOptions
   /** The mountpoint (absolute real path). */
   readonly mountpoint: string
-  /** The format served: `'raw'`, `'qcow2'` or `'null'` (what probing found for `format: 'auto'`). */
+  /** The format served: `'raw'`, `'qcow2'`, `'vmdk'` or `'null'` (what probing found for `format: 'auto'`). */
   readonly format: ServedFormat
   /** Whether the mount uses `allow_other` (how `allowOther: 'auto'` was resolved). */
   readonly allowOther: boolean
@@ -215,6 +215,11 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
         ioUring: resolved.ioUring,
         locking: resolved.locking,
         forceShare: resolved.forceShare,
+        ...(resolved.offset !== undefined ? { offset: resolved.offset } : {}),
+        ...(resolved.size !== undefined ? { size: resolved.size } : {}),
+        ...(resolved.partition !== undefined ? { partition: resolved.partition } : {}),
+        snapshot: resolved.snapshot,
+        ...(resolved.overlay !== undefined ? { overlay: resolved.overlay } : {}),
       }
       let allowOther = resolved.allowOther !== 'off'
       let fallback: string | undefined

@@ -30,6 +30,13 @@ export interface NativeExportConfig {
   forceShare: boolean
   /** An NBD source (then `source` and `nullSize` are unset). */
   nbd?: NativeNbdConfig
+  /** A slice: bytes from `offset` (`size` of them, or to the end), or partition N. */
+  offset?: number
+  size?: number
+  partition?: number
+  snapshot?: boolean
+  /** Absolute path of the qcow2 overlay. */
+  overlay?: string
 }
 
 /** An NBD source as the native core takes it. */
@@ -76,7 +83,7 @@ export interface NativeExport {
   close(): Promise<void>
   stats(): NativeStats
   readonly size: number
-  /** 'raw' | 'qcow2' | 'null': the format served ('' once closed). */
+  /** 'raw' | 'qcow2' | 'vmdk' | 'null': the format served ('' once closed). */
   readonly format: string
   /** Whether requests come through FUSE-over-io_uring (false once closed). */
   readonly ioUring: boolean
@@ -178,6 +185,6 @@ export function nativeVersion(): string {
 /** The format `native` serves, checked (the native core names it; 'auto' never reaches here). */
 export function nativeFormat(native: NativeExport): ServedFormat {
   const format = native.format
-  if (format === 'raw' || format === 'qcow2' || format === 'null') return format
+  if (format === 'raw' || format === 'qcow2' || format === 'vmdk' || format === 'null') return format
   throw new BlockfuseError('INTERNAL', `the native core reports an unknown format "${format}"`)
 }

@@ -15,12 +15,13 @@ import { isExported } from './registry.js'
 
 /**
  * Image format: `raw` is a file (or block device) used as is; `qcow2` is a qcow2 image (v2 or v3,
- * with its backing chain) presented as the disk it describes; `null` reads zeros and drops writes;
- * `auto` probes the image header (qcow2 magic → `qcow2`, else `raw`). A raw image found by probing
+ * with its backing chain) presented as the disk it describes; `vmdk` is a VMDK descriptor with flat
+ * extents (read-only; `snapshot` makes it writable); `null` reads zeros and drops writes;
+ * `auto` probes the image header (qcow2 magic → `qcow2`, a vmdk descriptor → `vmdk`, else `raw`). A raw image found by probing
  * refuses writes that would make its first sector look like another format (EPERM); give `'raw'`
  * to lift that (see docs/formats.md).
  */
-export type ExportFormat = 'raw' | 'qcow2' | 'null' | 'auto'
+export type ExportFormat = 'raw' | 'qcow2' | 'vmdk' | 'null' | 'auto'
 /** The format an export serves: what `auto` resolved to. */
 export type ServedFormat = Exclude<ExportFormat, 'auto'>
 /** Whether other users may access the export (`allow_other` mount option). */
@@ -119,6 +120,34 @@ export interface FuseExportOptions {
   /** Let writes past the end grow the image (and allow truncate to grow it). Needs `writable`. Default: `false`. */
   growable?: boolean
   /**
+   * Export a byte range of the disk: from `offset` (default 0), `size` bytes (default: to the
+   * disk's end). Numbers, bigints or strings with binary units as for null sizes (`'1M'`, `'2G'`).
+   * The range must lie inside the disk (`SLICE_OUT_OF_RANGE`). Excludes `partition` and `growable`.
+   */
+  offset?: number | bigint | string
+  /** See {@link FuseExportOptions.offset}. */
+  size?: number | bigint | string
+  /**
+   * Export partition N of the disk's MBR (1-4 primary, 5 and up logical) or GPT partition table,
+   * found through the export's own source (so also inside a qcow2 image or on an NBD server).
+   * `PARTITION_NOT_FOUND` when there is no such partition. Excludes `offset`/`size` and `growable`.
+   */
+  partition?: number
+  /**
+   * Writes go to a temporary overlay that is dropped when the export closes (QEMU's
+   * `snapshot=on`): the source is opened read-only and never changes. Implies `writable`.
+   * The overlay is a sparse, already unlinked file in `$TMPDIR` (default `/var/tmp`), so nothing
+   * is left behind, even after kill -9. Excludes `overlay` and `growable`. Default: `false`.
+   */
+  snapshot?: boolean
+  /**
+   * Writes go to the qcow2 image at this path, whose backing file is the source (created if
+   * missing, with the source's name relative to the overlay's directory and its format; reused
+   * if its backing file is the source, else `OVERLAY_INVALID`). QEMU and `qemu-img` read it
+   * (`qemu-img commit` merges it into the source). Implies `writable`. Needs an image file source.
+   */
+  overlay?: string
+  /**
    * Mount with `allow_other` so users other than the exporting one can access the file.
    * `'auto'` tries `'on'` and falls back to `'off'` if that mount fails. Default: `'auto'`.
    */
@@ -174,6 +203,13 @@ export interface ResolvedFuseExportOptions {
   readonly format: ExportFormat
   readonly writable: boolean
   readonly growable: boolean
+  /** A byte range of the disk: `size` undefined means to the end. */
+  readonly offset?: number
+  readonly size?: number
+  readonly partition?: number
+  readonly snapshot: boolean
+  /** Absolute path of the qcow2 overlay. */
+  readonly overlay?: string
   readonly allowOther: AllowOther
   readonly threads: number
   readonly cache: CacheMode
@@ -194,6 +230,11 @@ const KNOWN_OPTIONS = [
   'format',
   'writable',
   'growable',
+  'offset',
+  'size',
+  'partition',
+  'snapshot',
+  'overlay',
   'allowOther',
   'threads',
   'cache',
@@ -248,6 +289,24 @@ const UNIT_SHIFT: Record<string, bigint> = { '': 0n, k: 10n, m: 20n, g: 30n, t: 
 const SIZE_PATTERN = /^(\d+)(?:([kKmMgGtT])(?:i|iB|B)?|B)?$/
 const MAX_SIZE = BigInt(Number.MAX_SAFE_INTEGER)
 
+/** A byte count as a bigint: a number, a bigint, or a decimal string with an optional binary unit. */
+function byteCount(value: unknown, fail: (why: string) => BlockfuseError): bigint {
+  if (typeof value === 'number') {
+    if (!Number.isInteger(value)) throw fail('it must be an integer number of bytes')
+    if (!Number.isSafeInteger(value)) throw fail('it must be at most 2^53-1 bytes')
+    return BigInt(value)
+  }
+  if (typeof value === 'bigint') return value
+  if (typeof value === 'string') {
+    const match = SIZE_PATTERN.exec(value)
+    if (!match) {
+      throw fail('expected a decimal integer with an optional unit k, M, G or T (e.g. 1G, 512M, 64k)')
+    }
+    return BigInt(match[1]!) << UNIT_SHIFT[(match[2] ?? '').toLowerCase()]!
+  }
+  throw fail('expected a number, a bigint or a string such as "1G"')
+}
+
 /**
  * Parses a null backend size: a positive integer number or bigint, or a decimal string with an
  * optional binary unit (`64k`, `512M`, `1G`, `2T`, `1GiB`, `4096`, `4096B`). Rejects 0, negative,
@@ -256,23 +315,20 @@ const MAX_SIZE = BigInt(Number.MAX_SAFE_INTEGER)
 export function parseSize(value: unknown): number {
   const fail = (why: string) =>
     new BlockfuseError('NULL_SIZE_INVALID', `null backend size ${describe(value)} is invalid: ${why}`)
-  let bytes: bigint
-  if (typeof value === 'number') {
-    if (!Number.isInteger(value)) throw fail('it must be an integer number of bytes')
-    if (!Number.isSafeInteger(value)) throw fail('it must be at most 2^53-1 bytes')
-    bytes = BigInt(value)
-  } else if (typeof value === 'bigint') {
-    bytes = value
-  } else if (typeof value === 'string') {
-    const match = SIZE_PATTERN.exec(value)
-    if (!match) {
-      throw fail('expected a decimal integer with an optional unit k, M, G or T (e.g. 1G, 512M, 64k)')
-    }
-    bytes = BigInt(match[1]!) << UNIT_SHIFT[(match[2] ?? '').toLowerCase()]!
-  } else {
-    throw fail('expected a number, a bigint or a string such as "1G"')
-  }
+  const bytes = byteCount(value, fail)
   if (bytes <= 0n) throw fail('it must be greater than 0')
+  if (bytes > MAX_SIZE) throw fail('it must be at most 2^53-1 bytes')
+  return Number(bytes)
+}
+
+/** Parses option `key` (`offset` or `size` of a slice) in the units of {@link parseSize}; `size` must not be 0. */
+function sliceBytes(options: Record<string, unknown>, key: 'offset' | 'size'): number | undefined {
+  const value = options[key]
+  if (value === undefined) return undefined
+  const fail = (why: string) => invalid(`option "${key}" ${describe(value)} is invalid: ${why}`)
+  const bytes = byteCount(value, fail)
+  if (bytes < 0n) throw fail('it must not be negative')
+  if (key === 'size' && bytes === 0n) throw fail('it must be greater than 0')
   if (bytes > MAX_SIZE) throw fail('it must be at most 2^53-1 bytes')
   return Number(bytes)
 }
@@ -331,7 +387,7 @@ export function normalizeOptions(input: unknown): ResolvedFuseExportOptions {
   const format = optionalEnum<ExportFormat>(
     options,
     'format',
-    ['raw', 'qcow2', 'null', 'auto'],
+    ['raw', 'qcow2', 'vmdk', 'null', 'auto'],
     isNull ? 'null' : 'auto',
   )
   if (format === 'null' && !isNull) {
@@ -350,8 +406,12 @@ export function normalizeOptions(input: unknown): ResolvedFuseExportOptions {
   }
   const nbd = nbdSource ? normalizeNbd(options.nbd) : undefined
 
-  const writable = optionalBoolean(options, 'writable')
+  const layers = normalizeLayers(options, isNull)
+  const writable = optionalBoolean(options, 'writable') || layers.snapshot || layers.overlay !== undefined
   const growable = optionalBoolean(options, 'growable')
+  if (growable && layersFixSize(layers)) {
+    throw invalid('option "growable" cannot be used with a slice, a snapshot or an overlay (their size is fixed)')
+  }
   if (growable && !writable) {
     throw invalid('option "growable" needs "writable: true" (a read-only export cannot grow)')
   }
@@ -380,6 +440,7 @@ export function normalizeOptions(input: unknown): ResolvedFuseExportOptions {
     format,
     writable,
     growable,
+    ...layers,
     allowOther: optionalEnum<AllowOther>(options, 'allowOther', ['on', 'off', 'auto'], 'auto'),
     threads,
     cache: optionalEnum<CacheMode>(options, 'cache', ['writeback', 'none'], 'writeback'),
@@ -388,6 +449,57 @@ export function normalizeOptions(input: unknown): ResolvedFuseExportOptions {
     locking: optionalEnum<LockingMode>(options, 'locking', ['auto', 'on', 'off'], 'auto'),
     forceShare,
     onHalt: optionalEnum<OnHalt>(options, 'onHalt', ['unmount', 'keep'], 'unmount'),
+  }
+}
+
+/** The slice and overlay options, validated. */
+interface Layers {
+  offset?: number
+  size?: number
+  partition?: number
+  snapshot: boolean
+  overlay?: string
+}
+
+function layersFixSize(layers: Layers): boolean {
+  return (
+    layers.offset !== undefined ||
+    layers.size !== undefined ||
+    layers.partition !== undefined ||
+    layers.snapshot ||
+    layers.overlay !== undefined
+  )
+}
+
+function normalizeLayers(options: Record<string, unknown>, isNull: boolean): Layers {
+  const offset = sliceBytes(options, 'offset')
+  const size = sliceBytes(options, 'size')
+  const partition = options.partition
+  if (partition !== undefined) {
+    if (typeof partition !== 'number' || !Number.isInteger(partition) || partition < 1 || partition > 0xffffffff) {
+      throw invalid(`option "partition" must be a partition number from 1 (as in sda1), got ${describe(partition)}`)
+    }
+    if (offset !== undefined || size !== undefined) {
+      throw invalid('option "partition" excludes "offset" and "size" (a partition is its own byte range)')
+    }
+  }
+  const snapshot = optionalBoolean(options, 'snapshot')
+  const rawOverlay = options.overlay
+  if (rawOverlay !== undefined && (typeof rawOverlay !== 'string' || rawOverlay === '')) {
+    throw invalid(`option "overlay" must be a non-empty path, got ${describe(rawOverlay)}`)
+  }
+  if (snapshot && rawOverlay !== undefined) {
+    throw invalid('options "snapshot" and "overlay" exclude each other (a snapshot\'s overlay is temporary)')
+  }
+  if (rawOverlay !== undefined && isNull) {
+    throw invalid('option "overlay" needs an image file as the source (it becomes the backing file)')
+  }
+  return {
+    ...(offset !== undefined ? { offset } : {}),
+    ...(size !== undefined ? { size } : {}),
+    ...(partition !== undefined ? { partition } : {}),
+    snapshot,
+    ...(rawOverlay !== undefined ? { overlay: resolve(rawOverlay) } : {}),
   }
 }
 

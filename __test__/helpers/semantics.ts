@@ -132,3 +132,11 @@ export async function waitForEvent<T>(emitter: EventEmitter, event: string, ms: 
     throw err
   }
 }
+
+/** Writes `len` bytes of `byte` at `offset` of `path` with dd (fsync, no truncation). */
+export async function fillBytes(path: string, offset: number, len: number, byte: number): Promise<void> {
+  await mustClient('sh', [
+    '-c',
+    `head -c ${len} /dev/zero | tr '\\0' '\\${byte.toString(8)}' | dd of='${path}' bs=64k seek=${offset} oflag=seek_bytes conv=notrunc,fsync status=none`,
+  ])
+}

@@ -10,10 +10,12 @@ use crate::backend::nbd::{self, NbdOptions, OpenError, TlsFiles};
 use crate::backend::probe::{self, Probed};
 use crate::backend::{
     refusal_of, Backend, BlockBackend, CacheMode, FaultBackend, FaultSpec, LockMode, NbdBackend,
-    NullBackend, ProbedRaw, Qcow2Backend, Qcow2Options, RawBackend, RawOptions, MAX_IMAGE_SIZE,
+    NullBackend, ProbedRaw, Qcow2Backend, Qcow2Options, RawBackend, RawOptions, VmdkBackend,
+    MAX_IMAGE_SIZE,
 };
 use crate::error::{Error, Result};
 use crate::export::{Export, ExportOptions};
+use crate::layers::{self, Layers};
 use crate::sys;
 use crate::transport::{IoUringMode, Session, SessionConfig, SessionEvent, MAX_TRANSFER};
 
@@ -23,6 +25,8 @@ pub enum Source {
     Raw(PathBuf),
     /// A qcow2 image (v2 or v3) with its backing chain, presented as the disk it describes.
     Qcow2(PathBuf),
+    /// A VMDK descriptor with flat extents (imago), read-only.
+    Vmdk(PathBuf),
     /// Probe the header: qcow2 if it has the qcow2 magic, else raw. A probed raw image refuses
     /// writes that would make it look like another format (docs/formats.md).
     Auto(PathBuf),
@@ -61,6 +65,8 @@ pub struct ExportConfig {
     pub locking: LockMode,
     /// Read-only: share write and resize with others (`qemu-img -U`).
     pub force_share: bool,
+    /// A slice of the disk, a snapshot overlay or a persistent qcow2 overlay (`layers`).
+    pub layers: Layers,
 }
 
 /// Most queues one export may have; each costs a thread and its buffers.
@@ -119,6 +125,9 @@ pub fn start_fake_device(
 }
 
 fn open_export(cfg: &ExportConfig, faults: Option<FaultSpec>) -> Result<Export> {
+    let export_cfg = cfg;
+    // The source as it is opened: read-only under a snapshot, the overlay image under an overlay.
+    let cfg = &layers::source_config(cfg)?;
     if cfg.growable && !cfg.writable {
         return Err(Error::InvalidConfig("growable needs writable".into()));
     }
@@ -149,7 +158,9 @@ fn open_export(cfg: &ExportConfig, faults: Option<FaultSpec>) -> Result<Export> 
         Source::Qcow2(path) => {
             Backend::Qcow2(Qcow2Backend::open(path, qcow2_opts).map_err(open_err(path))?)
         }
+        Source::Vmdk(path) => open_vmdk(path, cfg).map_err(open_err(path))?,
         Source::Auto(path) => match probe::probe_file(path).map_err(open_err(path))? {
+            Probed::Other("vmdk") => open_vmdk(path, cfg).map_err(open_err(path))?,
             Probed::Qcow2 => {
                 Backend::Qcow2(Qcow2Backend::open(path, qcow2_opts).map_err(open_err(path))?)
             }
@@ -170,7 +181,9 @@ fn open_export(cfg: &ExportConfig, faults: Option<FaultSpec>) -> Result<Export> 
     };
     if backend.len() > MAX_IMAGE_SIZE {
         let what = match &cfg.source {
-            Source::Raw(p) | Source::Qcow2(p) | Source::Auto(p) => p.display().to_string(),
+            Source::Raw(p) | Source::Qcow2(p) | Source::Vmdk(p) | Source::Auto(p) => {
+                p.display().to_string()
+            }
             Source::Null(_) => "the null image".into(),
             Source::Nbd(src) => src.uri.clone(),
         };
@@ -183,6 +196,7 @@ fn open_export(cfg: &ExportConfig, faults: Option<FaultSpec>) -> Result<Export> 
             ),
         });
     }
+    let backend = layers::apply(backend, export_cfg)?;
     let backend = match faults {
         Some(spec) => Backend::Fault(FaultBackend::new(backend, spec).map_err(|e| {
             Error::Internal(format!("cannot start the fault injector's timer thread: {e}"))
@@ -191,13 +205,26 @@ fn open_export(cfg: &ExportConfig, faults: Option<FaultSpec>) -> Result<Export> 
     };
     let (uid, gid) = sys::effective_ids();
     let opts = ExportOptions {
-        writable: cfg.writable,
+        writable: export_cfg.writable,
         growable: cfg.growable,
         allow_other: cfg.allow_other,
         writethrough: cfg.writethrough,
         max_read: MAX_TRANSFER,
     };
     Ok(Export::new(backend, opts, uid, gid))
+}
+
+/// A vmdk image, read-only: imago has no VMDK writer.
+fn open_vmdk(path: &std::path::Path, cfg: &ExportConfig) -> std::io::Result<Backend> {
+    if cfg.writable {
+        return Err(std::io::Error::other(
+            "the image is vmdk, which blockfuse serves read-only (imago does not write VMDK); \
+             export it read-only, or with snapshot to write to a temporary overlay",
+        ));
+    }
+    let backend = VmdkBackend::open(path, cfg.locking, cfg.force_share)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("vmdk: {e}")))?;
+    Ok(Backend::Vmdk(backend))
 }
 
 fn open_nbd(src: &NbdSource, cfg: &ExportConfig) -> Result<Backend> {

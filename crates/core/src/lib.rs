@@ -10,6 +10,7 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod layers;
 pub mod protocol;
 mod sys;
 pub mod transport;

@@ -62,6 +62,7 @@ fn allocations_in_steady_state(mode: IoUringMode, threads: usize) -> u64 {
         io_uring: mode,
         locking: Default::default(),
         force_share: false,
+        layers: Default::default(),
     };
     let mut session = config::start(cfg, Box::new(|e| panic!("unexpected event {e:?}")))
         .unwrap_or_else(|e| panic!("cannot export ({mode:?}): {e}"));

@@ -419,6 +419,7 @@ fn a_raw_image_is_read_and_written_through_the_fake_device() {
         io_uring: IoUringMode::Off,
         locking: Default::default(),
         force_share: false,
+        layers: Default::default(),
     };
     let (tx, events) = mpsc::channel();
     let (s, peer) = config::start_fake_device(
@@ -486,6 +487,7 @@ fn raw_device(file: TempImage, growable: bool, cache: CacheMode) -> RawDevice {
         io_uring: IoUringMode::Off,
         locking: Default::default(),
         force_share: false,
+        layers: Default::default(),
     };
     let (tx, events) = mpsc::channel();
     let on_event = Box::new(move |e| {

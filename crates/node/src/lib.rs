@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use blockfuse_core::backend::nbd::TlsFiles;
-use blockfuse_core::backend::{BlockBackend, CacheMode, FaultSpec, LockMode};
+use blockfuse_core::backend::{BlockBackend, CacheMode, FaultSpec, LockMode, MAX_IMAGE_SIZE};
 use blockfuse_core::config::{self, ExportConfig, NbdSource, Source};
+use blockfuse_core::layers::{Layers, Slice};
 use blockfuse_core::transport::{IoUringMode, Session, SessionEvent};
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
@@ -62,7 +63,7 @@ fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 
 #[napi(object)]
 pub struct NativeExportConfig {
-    /// 'raw' | 'qcow2' | 'null' | 'auto'
+    /// 'raw' | 'qcow2' | 'vmdk' | 'null' | 'auto'
     pub format: String,
     pub source: Option<String>,
     pub null_size: Option<f64>,
@@ -81,6 +82,14 @@ pub struct NativeExportConfig {
     pub force_share: bool,
     /// An NBD source (then `source` and `nullSize` are unset; format is 'raw' or 'auto').
     pub nbd: Option<NativeNbdConfig>,
+    /// A slice: bytes from `offset` (`size` of them, or to the end), or partition N.
+    pub offset: Option<f64>,
+    pub size: Option<f64>,
+    pub partition: Option<u32>,
+    /// Writes go to a temporary overlay dropped at close.
+    pub snapshot: Option<bool>,
+    /// Writes go to the qcow2 overlay at this path (created if missing).
+    pub overlay: Option<String>,
 }
 
 #[napi(object)]
@@ -137,6 +146,7 @@ fn to_core(c: NativeExportConfig) -> Result<ExportConfig> {
         (format, None) => match format {
             "raw" => Source::Raw(path("raw", c.source)?),
             "qcow2" => Source::Qcow2(path("qcow2", c.source)?),
+            "vmdk" => Source::Vmdk(path("vmdk", c.source)?),
             "auto" => Source::Auto(path("auto", c.source)?),
             "null" => {
                 let size =
@@ -168,7 +178,30 @@ fn to_core(c: NativeExportConfig) -> Result<ExportConfig> {
         "off" => LockMode::Off,
         other => return Err(invalid(format!("unknown locking mode {other:?}"))),
     };
+    let whole = |what: &str, v: f64| {
+        if v.fract() != 0.0 || !(0.0..=MAX_IMAGE_SIZE as f64).contains(&v) {
+            return Err(invalid(format!("{what} must be an integer from 0 to 2^53-1, not {v}")));
+        }
+        Ok(v as u64)
+    };
+    let slice = match (c.partition, c.offset, c.size) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            return Err(invalid("partition excludes offset and size".into()))
+        }
+        (Some(n), None, None) => Some(Slice::Partition(n)),
+        (None, None, None) => None,
+        (None, offset, size) => Some(Slice::Range {
+            offset: offset.map(|o| whole("offset", o)).transpose()?.unwrap_or(0),
+            size: size.map(|s| whole("size", s)).transpose()?,
+        }),
+    };
+    let layers = Layers {
+        slice,
+        snapshot: c.snapshot.unwrap_or(false),
+        overlay: c.overlay.map(PathBuf::from),
+    };
     Ok(ExportConfig {
+        layers,
         source,
         mountpoint: PathBuf::from(c.mountpoint),
         writable: c.writable,

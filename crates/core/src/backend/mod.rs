@@ -3,18 +3,24 @@
 
 use std::io;
 
+pub mod cow;
 pub mod fault;
 mod file_io;
+pub mod layer;
 pub mod lock;
 mod memory;
 pub mod nbd;
 mod null;
+pub mod partition;
 pub mod probe;
 mod qcow2;
 mod qcow2_overlap;
 mod raw;
+mod vmdk;
 
+pub use cow::Cow;
 pub use fault::{FaultBackend, FaultSpec};
+pub use layer::Layered;
 pub use lock::LockMode;
 pub use memory::MemoryBackend;
 pub use nbd::{NbdBackend, NbdOptions};
@@ -22,6 +28,7 @@ pub use null::NullBackend;
 pub use probe::ProbedRaw;
 pub use qcow2::{Qcow2Backend, Qcow2Options};
 pub use raw::{CacheMode, RawBackend, RawOptions};
+pub use vmdk::VmdkBackend;
 
 /// An image refused at open for a reason with its own stable code (`IMAGE_LOCKED`,
 /// `IMAGE_TOO_LARGE`, ...). Travels inside an `io::Error`; [`refusal_of`] finds it again.
@@ -99,18 +106,22 @@ pub enum Backend {
     Null(NullBackend),
     Memory(MemoryBackend),
     Qcow2(Qcow2Backend),
+    /// A VMDK descriptor with flat extents, read-only.
+    Vmdk(VmdkBackend),
     /// A disk on an NBD server.
     Nbd(NbdBackend),
     /// A raw image found by probing: first-sector writes are checked (see `probe`).
     ProbedRaw(ProbedRaw),
     /// An NBD export probed as raw: first-sector writes are checked like a file's.
     ProbedNbd(ProbedRaw<NbdBackend>),
+    /// A slice of another backend and/or a snapshot overlay over it (see `layer`).
+    Layered(Layered),
     /// Test only: another backend with injected errors and latency (see `fault`).
     Fault(FaultBackend),
 }
 
 impl Backend {
-    /// The image format served: `raw`, `qcow2` or `null` (`memory` in tests). A probed image
+    /// The image format served: `raw`, `qcow2`, `vmdk` or `null` (`memory` in tests). A probed image
     /// reports what probing found.
     pub fn format_name(&self) -> &'static str {
         match self {
@@ -119,6 +130,8 @@ impl Backend {
             Backend::Null(_) => "null",
             Backend::Memory(_) => "memory",
             Backend::Qcow2(_) => "qcow2",
+            Backend::Vmdk(_) => "vmdk",
+            Backend::Layered(l) => l.base().format_name(),
             Backend::Fault(f) => f.inner().format_name(),
         }
     }
@@ -131,9 +144,11 @@ macro_rules! dispatch {
             Backend::Null($b) => $e,
             Backend::Memory($b) => $e,
             Backend::Qcow2($b) => $e,
+            Backend::Vmdk($b) => $e,
             Backend::Nbd($b) => $e,
             Backend::ProbedRaw($b) => $e,
             Backend::ProbedNbd($b) => $e,
+            Backend::Layered($b) => $e,
             Backend::Fault($b) => $e,
         }
     };

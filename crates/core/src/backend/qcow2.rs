@@ -186,6 +186,11 @@ impl Qcow2Backend {
         })
     }
 
+    /// The virtual size a qcow2 image's header states (for an overlay created over it).
+    pub fn virtual_size(path: &Path) -> io::Result<u64> {
+        Ok(HeaderInfo::read(path)?.layout.size)
+    }
+
     async fn open_async(path: &Path, opts: Qcow2Options) -> io::Result<Self> {
         let header = HeaderInfo::read(path)?;
         let direct = opts.cache == CacheMode::None;
