@@ -1,7 +1,7 @@
 //! FUSE_INIT negotiation: which protocol version and features we agree on with the kernel.
 
 use crate::protocol::abi::{
-    init_flags::*, init_flags2::FUSE_OVER_IO_URING, KERNEL_MINOR_VERSION, KERNEL_VERSION,
+    init_flags::*, init_flags2::*, KERNEL_MINOR_VERSION, KERNEL_VERSION,
     MIN_KERNEL_MINOR_VERSION,
 };
 use crate::protocol::encode::InitOut;
@@ -63,8 +63,13 @@ pub fn negotiate_init(
     // `enable_uring` parameter is on; 7.42 defined the ring entries' layout.
     let ext = kernel_flags & FUSE_INIT_EXT != 0;
     let io_uring = limits.io_uring && ext && minor >= 42 && kernel_flags2 & FUSE_OVER_IO_URING != 0;
-    let (flags, flags2) =
-        if io_uring { (flags | FUSE_INIT_EXT, FUSE_OVER_IO_URING) } else { (flags, 0) };
+    // Every open is FOPEN_DIRECT_IO; without DIRECT_IO_ALLOW_MMAP (7.39, Linux 6.6) the kernel
+    // refuses mmap(MAP_SHARED) of such a file with ENODEV. With it, the kernel serves a mapping
+    // from the page cache (READ/WRITE requests to us) and keeps it coherent with direct I/O.
+    let allow_mmap = ext && minor >= 39 && kernel_flags2 & FUSE_DIRECT_IO_ALLOW_MMAP != 0;
+    let flags2 = if io_uring { FUSE_OVER_IO_URING } else { 0 }
+        | if allow_mmap { FUSE_DIRECT_IO_ALLOW_MMAP } else { 0 };
+    let flags = if flags2 != 0 { flags | FUSE_INIT_EXT } else { flags };
     let out = InitOut {
         major: KERNEL_VERSION,
         minor,

@@ -275,7 +275,20 @@ fn init_agrees_on_io_uring_only_when_offered_asked_for_and_7_42() {
     ] {
         let (out, neg) = negotiate_init(7, minor, 0, flags, flags2, limits).unwrap();
         assert!(!neg.io_uring, "7.{minor} {flags:#x} {flags2:#x} {limits:?}");
-        assert_eq!((out.flags & FUSE_INIT_EXT, out.flags2), (0, 0));
+        assert_eq!(out.flags2 & FUSE_OVER_IO_URING, 0);
+        assert_eq!(out.flags & FUSE_INIT_EXT != 0, out.flags2 != 0, "INIT_EXT iff flags2");
+    }
+}
+
+#[test]
+fn init_allows_mmap_of_direct_io_files_when_offered_and_7_39() {
+    use crate::protocol::abi::init_flags2::FUSE_DIRECT_IO_ALLOW_MMAP as MMAP;
+    let offered = WANTED | FUSE_INIT_EXT;
+    let (out, _) = negotiate_init(7, 39, 0, offered, MMAP, limits()).unwrap();
+    assert_eq!((out.flags, out.flags2), (WANTED | FUSE_INIT_EXT, MMAP));
+    for (minor, flags, flags2) in [(38, offered, MMAP), (39, WANTED, MMAP), (41, offered, !MMAP)] {
+        let (out, _) = negotiate_init(7, minor, 0, flags, flags2, limits()).unwrap();
+        assert_eq!((out.flags & FUSE_INIT_EXT, out.flags2), (0, 0), "7.{minor} {flags2:#x}");
     }
 }
 

@@ -134,6 +134,9 @@ pub mod init_flags {
 pub mod init_flags2 {
     /// `FUSE_OVER_IO_URING` (1 << 41): requests through io_uring commands instead of read(2).
     pub const FUSE_OVER_IO_URING: u32 = 1 << (41 - 32);
+    /// `FUSE_DIRECT_IO_ALLOW_MMAP` (1 << 36, 7.39): `mmap(MAP_SHARED)` of a FOPEN_DIRECT_IO file
+    /// works (the kernel keeps the mapping coherent with direct reads and writes).
+    pub const FUSE_DIRECT_IO_ALLOW_MMAP: u32 = 1 << (36 - 32);
 }
 
 /// FUSE-over-io_uring (7.42): `IORING_OP_URING_CMD` commands on a /dev/fuse fd, each owning
