@@ -1,8 +1,7 @@
 //! FUSE_INIT negotiation: which protocol version and features we agree on with the kernel.
 
 use crate::protocol::abi::{
-    init_flags::*, init_flags2::*, KERNEL_MINOR_VERSION, KERNEL_VERSION,
-    MIN_KERNEL_MINOR_VERSION,
+    init_flags::*, init_flags2::*, KERNEL_MINOR_VERSION, KERNEL_VERSION, MIN_KERNEL_MINOR_VERSION,
 };
 use crate::protocol::encode::InitOut;
 
