@@ -148,7 +148,8 @@ test('runtime errors (what only the filesystem or the kernel can tell) exit 1 wi
 test('ready / SIGINT cycle: cmp sees the image, SIGINT unmounts and exits 0', async (t) => {
   const f = await imageFixture(t, 4 * MiB)
   const before = await stat(f.mountpoint)
-  const cli = startExport(t, [f.image, f.mountpoint])
+  // Without passthrough: the ready line names it when used (semantics-passthrough.spec.ts).
+  const cli = startExport(t, ['--passthrough', 'off', f.image, f.mountpoint])
   const ready = await cli.waitForLine(/^ready/)
   t.is(ready, `ready: ${f.image} exported at ${f.mountpoint} (raw, ${4 * MiB} bytes, read-only, 1 thread, read(2))`)
   t.is(cli.lines.length, 1, 'exactly one line before the export is used')

@@ -38,6 +38,7 @@ test('defaults are applied and paths made absolute', (t) => {
     cache: 'writeback',
     writethrough: false,
     ioUring: 'auto',
+    passthrough: 'auto',
     locking: 'auto',
     forceShare: false,
     onHalt: 'unmount',
@@ -58,6 +59,7 @@ test('explicit options are kept', (t) => {
     cache: 'none',
     writethrough: true,
     ioUring: 'off',
+    passthrough: 'on',
     locking: 'on',
     onHalt: 'keep',
     // undefined means "not given"
@@ -71,6 +73,7 @@ test('explicit options are kept', (t) => {
     cache: 'none',
     writethrough: true,
     ioUring: 'off',
+    passthrough: 'on',
     locking: 'on',
     onHalt: 'keep',
   })
@@ -93,6 +96,11 @@ const invalidOptions: Array<[string, unknown, RegExp]> = [
   ['a non-boolean writable', { ...base, writable: 'yes' }, /"writable" must be a boolean, got "yes"/],
   ['a non-boolean writethrough', { ...base, writethrough: 1 }, /"writethrough" must be a boolean, got 1/],
   ['an unknown ioUring mode', { ...base, ioUring: 'yes' }, /"ioUring" must be one of "auto", "on", "off", got "yes"/],
+  [
+    'an unknown passthrough mode',
+    { ...base, passthrough: 'yes' },
+    /"passthrough" must be one of "auto", "on", "off", got "yes"/,
+  ],
   ['growable without writable', { ...base, growable: true }, /"growable" needs "writable: true"/],
   ['a bad format', { ...base, format: 'vmdk' }, /"format" must be one of "raw", "qcow2", "null", "auto", got "vmdk"/],
   ['format null with a path', { ...base, format: 'null' }, /"format" is "null" but "source" is a path \("\/img.raw"\)/],

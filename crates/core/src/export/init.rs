@@ -13,6 +13,8 @@ pub struct InitLimits {
     pub page_size: u32,
     /// Ask for FUSE-over-io_uring if the kernel offers it.
     pub io_uring: bool,
+    /// Ask for FUSE_PASSTHROUGH if the kernel offers it.
+    pub passthrough: bool,
 }
 
 /// The agreed parameters the transport needs after INIT.
@@ -23,6 +25,8 @@ pub struct Negotiated {
     pub max_write: u32,
     /// FUSE-over-io_uring was agreed: requests arrive through ring entries once registered.
     pub io_uring: bool,
+    /// FUSE_PASSTHROUGH was agreed: opens may name a registered backing file.
+    pub passthrough: bool,
 }
 
 /// Pages in one request without FUSE_MAX_PAGES (`FUSE_DEFAULT_MAX_PAGES_PER_REQ`).
@@ -66,8 +70,13 @@ pub fn negotiate_init(
     // refuses mmap(MAP_SHARED) of such a file with ENODEV. With it, the kernel serves a mapping
     // from the page cache (READ/WRITE requests to us) and keeps it coherent with direct I/O.
     let allow_mmap = ext && minor >= 39 && kernel_flags2 & FUSE_DIRECT_IO_ALLOW_MMAP != 0;
+    // 7.40 (Linux 6.9) defined passthrough and `max_stack_depth`; our backing file is the
+    // image, on a file system that is not itself stacked (the kernel refuses deeper ones).
+    let passthrough =
+        limits.passthrough && ext && minor >= 40 && kernel_flags2 & FUSE_PASSTHROUGH != 0;
     let flags2 = if io_uring { FUSE_OVER_IO_URING } else { 0 }
-        | if allow_mmap { FUSE_DIRECT_IO_ALLOW_MMAP } else { 0 };
+        | if allow_mmap { FUSE_DIRECT_IO_ALLOW_MMAP } else { 0 }
+        | if passthrough { FUSE_PASSTHROUGH } else { 0 };
     let flags = if flags2 != 0 { flags | FUSE_INIT_EXT } else { flags };
     let out = InitOut {
         major: KERNEL_VERSION,
@@ -81,6 +90,7 @@ pub fn negotiate_init(
         time_gran: 1,
         max_pages: max_write.div_ceil(page).min(u16::MAX as u32) as u16,
         flags2,
+        max_stack_depth: u32::from(passthrough),
     };
-    Ok((out, Negotiated { minor, flags, max_write, io_uring }))
+    Ok((out, Negotiated { minor, flags, max_write, io_uring, passthrough }))
 }
