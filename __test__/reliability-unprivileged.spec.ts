@@ -117,8 +117,13 @@ test.serial(
     }
     const f = await userFixture(t)
     const cli = startCli(t, ['export', '--json', '--format', 'raw', f.image, f.mountpoint], f.mountpoint, asUser())
-    const ready = JSON.parse(await cli.waitFor(/^\{"event":"ready".*$/m)) as { allowOther: boolean }
+    const ready = JSON.parse(await cli.waitFor(/^\{"event":"ready".*$/m)) as {
+      allowOther: boolean
+      passthrough: boolean
+    }
     t.false(ready.allowOther)
+    // A read-only raw export would pass through, but registering the image needs CAP_SYS_ADMIN.
+    t.false(ready.passthrough)
     await cli.waitFor(
       /warning: --allow-other auto: .*user_allow_other.*falling back to off: only uid \d+ can access/,
       'stderr',
