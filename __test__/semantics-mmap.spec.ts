@@ -2,7 +2,8 @@
  * Issue 17, mmap: `mmap(MAP_SHARED)` of the exported file works for every format and mode (every
  * open is FOPEN_DIRECT_IO; INIT agrees on FUSE_DIRECT_IO_ALLOW_MMAP). A real process (python3's
  * mmap) maps the export: the mapping shows the image, a store through the mapping plus msync
- * lands in the image, and a pwrite(2) through another fd is visible in the existing mapping.
+ * lands in the image, and a pwrite(2) through another fd is visible in the existing mapping;
+ * with FUSE passthrough too (the kernel then maps the image itself).
  */
 import { open, readFile } from 'node:fs/promises'
 
@@ -84,22 +85,40 @@ async function pread(path: string, offset: number, length: number): Promise<Buff
   }
 }
 
-test('raw, read-only: a shared read-only mapping shows the image', async (t) => {
-  const f = await imageFixture(t, 4 * MiB)
-  await openExport(t, { source: f.image, mountpoint: f.mountpoint })
-  const r = await mapExport(f.mountpoint, false)
-  t.is(r.probe, f.data.subarray(PLAN.probe, PLAN.probe + 64).toString('hex'))
-  // A writable shared mapping needs a writable fd; the ro mount refuses that open.
-  const w = await client('python3', ['-c', MMAP_CLIENT, f.mountpoint, 'rw', '0', '0', '00', '0', '00'])
-  t.not(w.code, 0)
-  t.regex(w.stderr, /Read-only file system/)
-  t.true((await readFile(f.image)).equals(f.data), 'the image is unchanged')
-})
-
-for (const cache of ['writeback', 'none'] as const) {
-  test(`raw, writable, cache ${cache}: stores + msync land in the image; pwrite shows in the mapping`, async (t) => {
+for (const passthrough of ['auto', 'off'] as const) {
+  test(`raw, read-only, passthrough ${passthrough}: a shared read-only mapping shows the image`, async (t) => {
     const f = await imageFixture(t, 4 * MiB)
-    await openExport(t, { source: f.image, mountpoint: f.mountpoint, writable: true, cache })
+    const exp = await openExport(t, { source: f.image, mountpoint: f.mountpoint, passthrough })
+    t.is(exp.passthrough, passthrough === 'auto', exp.passthroughFallback)
+    const r = await mapExport(f.mountpoint, false)
+    t.is(r.probe, f.data.subarray(PLAN.probe, PLAN.probe + 64).toString('hex'))
+    // A writable shared mapping needs a writable fd; the ro mount refuses that open.
+    const w = await client('python3', ['-c', MMAP_CLIENT, f.mountpoint, 'rw', '0', '0', '00', '0', '00'])
+    t.not(w.code, 0)
+    t.regex(w.stderr, /Read-only file system/)
+    t.true((await readFile(f.image)).equals(f.data), 'the image is unchanged')
+  })
+}
+
+const WRITABLE_RAW = [
+  { cache: 'writeback', passthrough: 'off' },
+  { cache: 'none', passthrough: 'off' },
+  // With passthrough the mapping is the image's own (the kernel maps the backing file).
+  { cache: 'writeback', passthrough: 'on' },
+] as const
+
+for (const { cache, passthrough } of WRITABLE_RAW) {
+  test(`raw, writable, cache ${cache}, passthrough ${passthrough}: stores + msync land in the image; pwrite shows in the mapping`, async (t) => {
+    const f = await imageFixture(t, 4 * MiB)
+    const exp = await openExport(t, {
+      source: f.image,
+      mountpoint: f.mountpoint,
+      writable: true,
+      cache,
+      format: 'raw',
+      passthrough,
+    })
+    t.is(exp.passthrough, passthrough === 'on')
     const r = await mapExport(f.mountpoint, true)
     t.is(r.probe, f.data.subarray(PLAN.probe, PLAN.probe + 64).toString('hex'))
     t.is(r.seen, PLAN.written.toString('hex'), 'the pwrite is visible in the existing mapping')
