@@ -13,7 +13,7 @@ import { assertE2eEnvironment } from './helpers/env.js'
 import { imageFixture } from './helpers/exports.js'
 import { KiB, MiB } from './helpers/files.js'
 import { createQcow2, qcow2Dir } from './helpers/qcow2.js'
-import { client, mustClient, openExport } from './helpers/semantics.js'
+import { client, mustClient, openExport, writableRawExport } from './helpers/semantics.js'
 
 test.before(() => {
   assertE2eEnvironment(['python3', 'qemu-img'])
@@ -109,15 +109,7 @@ const WRITABLE_RAW = [
 
 for (const { cache, passthrough } of WRITABLE_RAW) {
   test(`raw, writable, cache ${cache}, passthrough ${passthrough}: stores + msync land in the image; pwrite shows in the mapping`, async (t) => {
-    const f = await imageFixture(t, 4 * MiB)
-    const exp = await openExport(t, {
-      source: f.image,
-      mountpoint: f.mountpoint,
-      writable: true,
-      cache,
-      format: 'raw',
-      passthrough,
-    })
+    const { f, exp } = await writableRawExport(t, 4 * MiB, { cache, passthrough })
     t.is(exp.passthrough, passthrough === 'on')
     const r = await mapExport(f.mountpoint, true)
     t.is(r.probe, f.data.subarray(PLAN.probe, PLAN.probe + 64).toString('hex'))

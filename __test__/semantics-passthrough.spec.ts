@@ -14,7 +14,7 @@ import { assertE2eEnvironment } from './helpers/env.js'
 import { imageFixture } from './helpers/exports.js'
 import { KiB, MiB } from './helpers/files.js'
 import { createQcow2, qcow2Dir } from './helpers/qcow2.js'
-import { mustClient, openExport } from './helpers/semantics.js'
+import { mustClient, openExport, writableRawExport } from './helpers/semantics.js'
 
 test.before(() => {
   assertE2eEnvironment(['dd', 'python3', 'qemu-img'])
@@ -93,15 +93,7 @@ print(json.dumps(out))
 
 for (const cache of ['writeback', 'none'] as const) {
   test(`'on', writable, cache ${cache}: read-only opens pass through, writes are served; mixed opens stay coherent`, async (t) => {
-    const f = await imageFixture(t, 4 * MiB)
-    const exp = await openExport(t, {
-      source: f.image,
-      mountpoint: f.mountpoint,
-      writable: true,
-      cache,
-      format: 'raw',
-      passthrough: 'on',
-    })
+    const { f, exp } = await writableRawExport(t, 4 * MiB, { cache, passthrough: 'on' })
     t.true(exp.passthrough)
     // With cache none only O_DIRECT read-only opens pass through (else they would fill the
     // page cache 'none' bypasses); python's buffered ones are then served, which is coherent too.
@@ -125,15 +117,7 @@ for (const cache of ['writeback', 'none'] as const) {
 }
 
 test("'on', growable: writes past the end still grow the image through the export", async (t) => {
-  const f = await imageFixture(t, 1 * MiB)
-  const exp = await openExport(t, {
-    source: f.image,
-    mountpoint: f.mountpoint,
-    writable: true,
-    growable: true,
-    format: 'raw',
-    passthrough: 'on',
-  })
+  const { f, exp } = await writableRawExport(t, MiB, { growable: true, passthrough: 'on' })
   t.true(exp.passthrough)
   await mustClient('dd', [
     'if=/dev/zero',
