@@ -38,6 +38,8 @@ test('every export option maps to the API option', (t) => {
     '--writethrough',
     '--io-uring',
     'on',
+    '--passthrough',
+    'off',
     '--on-halt',
     'keep',
     '--json',
@@ -58,6 +60,7 @@ test('every export option maps to the API option', (t) => {
       cache: 'none',
       writethrough: true,
       ioUring: 'on',
+      passthrough: 'off',
       onHalt: 'keep',
     },
     json: true,
@@ -70,6 +73,9 @@ test('every export option maps to the API option', (t) => {
     options: { locking: 'off', forceShare: true },
   })
   t.throws(() => parseCliArgs(['export', '--locking', 'maybe', 'a', 'b']), { message: /--locking must be one of/ })
+  t.throws(() => parseCliArgs(['export', '--passthrough', 'yes', 'a', 'b']), {
+    message: /--passthrough must be one of/,
+  })
 })
 
 test('--stats is a flag of its own, with or without --json, in any position', (t) => {

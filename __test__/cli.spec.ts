@@ -145,10 +145,22 @@ test('runtime errors (what only the filesystem or the kernel can tell) exit 1 wi
 
 // --- real exports ----------------------------------------------------------------------------
 
+test('the ready line names passthrough when a read-only raw export uses it (the default as root)', async (t) => {
+  const f = await imageFixture(t, 2 * MiB)
+  const cli = startExport(t, ['--json', f.image, f.mountpoint])
+  const ready = JSON.parse(await cli.waitForLine(/^\{"event":"ready"/)) as { passthrough: boolean }
+  t.true(ready.passthrough)
+  await cli.stop('SIGINT')
+  const text = startExport(t, [f.image, f.mountpoint])
+  t.regex(await text.waitForLine(/^ready/), /, read\(2\), passthrough\)$/)
+  await text.stop('SIGINT')
+})
+
 test('ready / SIGINT cycle: cmp sees the image, SIGINT unmounts and exits 0', async (t) => {
   const f = await imageFixture(t, 4 * MiB)
   const before = await stat(f.mountpoint)
-  const cli = startExport(t, [f.image, f.mountpoint])
+  // Without passthrough: the ready line names it when used (the test above).
+  const cli = startExport(t, ['--passthrough', 'off', f.image, f.mountpoint])
   const ready = await cli.waitForLine(/^ready/)
   t.is(ready, `ready: ${f.image} exported at ${f.mountpoint} (raw, ${4 * MiB} bytes, read-only, 1 thread, read(2))`)
   t.is(cli.lines.length, 1, 'exactly one line before the export is used')

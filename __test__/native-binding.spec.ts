@@ -82,6 +82,8 @@ const INSTANCE_MEMBERS: Record<keyof NativeExport, 'method' | 'getter'> = {
   format: 'getter',
   ioUring: 'getter',
   ioUringFallback: 'getter',
+  passthrough: 'getter',
+  passthroughFallback: 'getter',
   fakeDevicePeerFd: 'getter',
 }
 const STATS_KEYS: Record<keyof NativeStats, 'object' | 'number'> = {
@@ -122,6 +124,7 @@ test('a native export reports stats of the declared shape; a fake device has a p
       cache: 'writeback',
       writethrough: false,
       ioUring: 'off',
+      passthrough: 'auto',
       locking: 'auto',
       forceShare: false,
     },

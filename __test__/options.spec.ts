@@ -39,6 +39,7 @@ test('defaults are applied and paths made absolute', (t) => {
     cache: 'writeback',
     writethrough: false,
     ioUring: 'auto',
+    passthrough: 'auto',
     locking: 'auto',
     forceShare: false,
     onHalt: 'unmount',
@@ -59,6 +60,7 @@ test('explicit options are kept', (t) => {
     cache: 'none',
     writethrough: true,
     ioUring: 'off',
+    passthrough: 'on',
     locking: 'on',
     onHalt: 'keep',
     // undefined means "not given"
@@ -72,6 +74,7 @@ test('explicit options are kept', (t) => {
     cache: 'none',
     writethrough: true,
     ioUring: 'off',
+    passthrough: 'on',
     locking: 'on',
     onHalt: 'keep',
   })
@@ -94,6 +97,11 @@ const invalidOptions: Array<[string, unknown, RegExp]> = [
   ['a non-boolean writable', { ...base, writable: 'yes' }, /"writable" must be a boolean, got "yes"/],
   ['a non-boolean writethrough', { ...base, writethrough: 1 }, /"writethrough" must be a boolean, got 1/],
   ['an unknown ioUring mode', { ...base, ioUring: 'yes' }, /"ioUring" must be one of "auto", "on", "off", got "yes"/],
+  [
+    'an unknown passthrough mode',
+    { ...base, passthrough: 'yes' },
+    /"passthrough" must be one of "auto", "on", "off", got "yes"/,
+  ],
   ['growable without writable', { ...base, growable: true }, /"growable" needs "writable: true"/],
   ['partition 0', { ...base, partition: 0 }, /"partition" must be a partition number from 1/],
   ['a fractional partition', { ...base, partition: 1.5 }, /"partition" must be a partition number from 1/],

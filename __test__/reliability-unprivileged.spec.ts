@@ -117,8 +117,13 @@ test.serial(
     }
     const f = await userFixture(t)
     const cli = startCli(t, ['export', '--json', '--format', 'raw', f.image, f.mountpoint], f.mountpoint, asUser())
-    const ready = JSON.parse(await cli.waitFor(/^\{"event":"ready".*$/m)) as { allowOther: boolean }
+    const ready = JSON.parse(await cli.waitFor(/^\{"event":"ready".*$/m)) as {
+      allowOther: boolean
+      passthrough: boolean
+    }
     t.false(ready.allowOther)
+    // A read-only raw export would pass through, but registering the image needs CAP_SYS_ADMIN.
+    t.false(ready.passthrough)
     await cli.waitFor(
       /warning: --allow-other auto: .*user_allow_other.*falling back to off: only uid \d+ can access/,
       'stderr',
@@ -145,3 +150,20 @@ test.serial('allow-other on as an ordinary user without user_allow_other is refu
   t.regex(cli.stderr, /user_allow_other.*\(MOUNT_FAILED\)/)
   t.false(await isMounted(f.mountpoint))
 })
+
+test.serial(
+  '--passthrough on as an ordinary user fails with PASSTHROUGH_UNAVAILABLE and leaves no mount',
+  async (t) => {
+    const f = await userFixture(t)
+    const cli = startCli(
+      t,
+      ['export', '--format', 'raw', '--passthrough', 'on', f.image, f.mountpoint],
+      f.mountpoint,
+      asUser(),
+    )
+    const { code } = await cli.exited
+    t.is(code, 1, cli.output)
+    t.regex(cli.output, /CAP_SYS_ADMIN.*\(PASSTHROUGH_UNAVAILABLE\)/)
+    t.false(await isMounted(f.mountpoint))
+  },
+)

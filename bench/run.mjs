@@ -183,6 +183,8 @@ function cellMatches(cell, pattern) {
  */
 function peerRuns(peer, backend) {
   if (peer.family === 'ceiling') return backend.kind === 'file' || backend.kind === 'nbd'
+  // Passthrough exists for raw images on files only.
+  if (peer.passthrough) return backend.kind === 'file'
   if (peer.family === 'fuser') return backend.kind === 'null' || backend.kind === 'file'
   if (peer.family === 'nbdfuse') return backend.kind === 'nbd'
   return true
@@ -193,6 +195,8 @@ function peerList(opts) {
   const all = [
     { id: 'blockfuse-1t', family: 'blockfuse', threads: 1, label: 'blockfuse 1t' },
     { id: `blockfuse-${N}t`, family: 'blockfuse', threads: N, label: `blockfuse ${N}t` },
+    // FUSE passthrough ('on': the export is writable): read-only opens go straight to the image.
+    { id: 'blockfuse-pt', family: 'blockfuse', threads: 1, passthrough: true, label: 'blockfuse pt' },
     { id: 'qemu', family: 'qemu', threads: 1, label: 'QEMU' },
     { id: 'fuser-1t', family: 'fuser', threads: 1, label: 'fuser 1t' },
     { id: `fuser-${N}t`, family: 'fuser', threads: N, label: `fuser ${N}t` },
@@ -526,7 +530,10 @@ function serverCommand(peer, backend, image, mnt, opts) {
   switch (peer.family) {
     case 'blockfuse': {
       const args = [path.join(ROOT, 'dist', 'cli.js'), 'export', '--writable', '--threads', String(peer.threads)]
-      args.push('--io-uring', opts.ioUring)
+      args.push('--io-uring', opts.ioUring, '--passthrough', peer.passthrough ? 'on' : 'off')
+      // The group's servers share the image side by side; a second writable blockfuse would
+      // otherwise be refused the image lock (IMAGE_LOCKED).
+      args.push('--locking', 'off')
       // An explicit format: no probing of the image's first sector.
       if (backend.kind === 'file') args.push('--format', 'raw', '--cache', backend.cache)
       if (backend.kind === 'qcow2') args.push('--format', 'qcow2', '--cache', backend.cache)
@@ -589,7 +596,7 @@ async function startServer(peer, backend, image, mntDir, opts) {
     if (ready) {
       sawReady = true
       // blockfuse's ready line ends with how requests arrive: "io_uring" or "read(2)".
-      if (peer.family === 'blockfuse') server.intake = /(io_uring|read\(2\))\)$/.exec(ready[0])?.[1]
+      if (peer.family === 'blockfuse') server.intake = /(io_uring|read\(2\))(, passthrough)?\)$/.exec(ready[0])?.[1]
     }
   })
   child.on('exit', () => {
@@ -716,8 +723,11 @@ function runFio(args) {
 async function measure({ cell, peer, server, image, opts, tmp }) {
   const target = peer.family === 'ceiling' ? ceilingTarget(cell.backend, image) : server.target
   // The ceiling for page-cache mode is buffered I/O on the image (what the servers do there);
-  // everything else is O_DIRECT from fio's side.
-  const direct = peer.family === 'ceiling' && cell.backend.cache === 'writeback' ? 0 : 1
+  // everything else is O_DIRECT from fio's side. A passed-through open reaches the image with
+  // the client's own flags, so the passthrough peer reads buffered in page-cache mode too (its
+  // writes are served by blockfuse, where O_DIRECT from fio changes nothing).
+  const buffered = peer.family === 'ceiling' || peer.passthrough
+  const direct = buffered && cell.backend.cache === 'writeback' ? 0 : 1
   if (hasImage(cell.backend)) syncImage(image)
   const output = path.join(tmp, 'fio.json')
   fs.rmSync(output, { force: true })

@@ -21,6 +21,7 @@ import {
   type LockingMode,
   type NbdOptions,
   type OnHalt,
+  type PassthroughMode,
 } from './options.js'
 
 /** A command line the CLI cannot make sense of; the CLI prints usage and exits 2. */
@@ -95,6 +96,10 @@ Options:
                                  (read(2) on /dev/fuse), auto: io_uring when the
                                  kernel offers it and --threads is 2 or more, else
                                  read(2) (default: auto)
+  --passthrough auto|on|off      FUSE passthrough of read-only opens to a raw image:
+                                 on (fail if unavailable; writable exports too), off,
+                                 auto: read-only exports when the kernel and
+                                 privileges allow it (default: auto)
   --locking auto|on|off          QEMU-compatible image locks (default: auto: lock, or
                                  warn and go on where the file system cannot)
   --force-share                  read-only: let others write the image meanwhile
@@ -136,6 +141,7 @@ const EXPORT_OPTIONS = {
   cache: { type: 'string' },
   writethrough: { type: 'boolean' },
   'io-uring': { type: 'string' },
+  passthrough: { type: 'string' },
   'on-halt': { type: 'string' },
   locking: { type: 'string' },
   'force-share': { type: 'boolean' },
@@ -209,6 +215,8 @@ function parseExport(args: string[]): CliCommand {
   if (cache) options.cache = cache
   const ioUring = oneOf<IoUringMode>('io-uring', values['io-uring'], ['auto', 'on', 'off'])
   if (ioUring) options.ioUring = ioUring
+  const passthrough = oneOf<PassthroughMode>('passthrough', values.passthrough, ['auto', 'on', 'off'])
+  if (passthrough) options.passthrough = passthrough
   const locking = oneOf<LockingMode>('locking', values.locking, ['auto', 'on', 'off'])
   if (locking) options.locking = locking
   if (values['force-share']) options.forceShare = true

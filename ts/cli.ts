@@ -39,7 +39,7 @@ function readyLine(exp: FuseExport): string {
   return (
     `ready: ${describeSource(exp)} exported at ${exp.mountpoint} ` +
     `(${exp.format}, ${exp.size} bytes, ${mode}, ${threads} ${threads === 1 ? 'thread' : 'threads'}, ` +
-    `${exp.ioUring ? 'io_uring' : 'read(2)'})`
+    `${exp.ioUring ? 'io_uring' : 'read(2)'}${exp.passthrough ? ', passthrough' : ''})`
   )
 }
 
@@ -114,6 +114,7 @@ async function runExport(command: Extract<ReturnType<typeof parseCliArgs>, { kin
     allowOther: exp.allowOther,
     threads: exp.options.threads,
     ioUring: exp.ioUring,
+    passthrough: exp.passthrough,
   })
   if (command.stats) reportStats(exp, json)
   if (stopRequested) exp.close().catch(fail)

@@ -36,6 +36,7 @@ export type {
   LockingMode,
   NbdOptions,
   NullSource,
+  PassthroughMode,
   ResolvedNbdOptions,
   OnHalt,
   ResolvedFuseExportOptions,
@@ -144,6 +145,16 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
    * `enable_uring` parameter is off). Undefined when io_uring is used or was not asked for.
    */
   readonly ioUringFallback: string | undefined
+  /**
+   * Whether FUSE passthrough is used (how `passthrough: 'auto'` was resolved): read-only opens
+   * of the exported file then go straight to the image.
+   */
+  readonly passthrough: boolean
+  /**
+   * With `passthrough: 'auto'` not used: why (e.g. the export is writable, the image is not raw,
+   * or the process lacks CAP_SYS_ADMIN). Undefined when passthrough is used or was not asked for.
+   */
+  readonly passthroughFallback: string | undefined
 
   #native: NativeExport
   #closing: Promise<void> | undefined
@@ -168,6 +179,8 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
     this.format = nativeFormat(native)
     this.ioUring = native.ioUring
     this.ioUringFallback = options.ioUring === 'auto' ? (native.ioUringFallback ?? undefined) : undefined
+    this.passthrough = native.passthrough
+    this.passthroughFallback = options.passthrough === 'auto' ? (native.passthroughFallback ?? undefined) : undefined
     this.#native = native
     // A mounted export is like a listening server: the process must not exit under it, or
     // clients would see ENOTCONN until someone unmounts by hand.
@@ -213,6 +226,7 @@ export class FuseExport extends EventEmitter<FuseExportEvents> {
         cache: resolved.cache,
         writethrough: resolved.writethrough,
         ioUring: resolved.ioUring,
+        passthrough: resolved.passthrough,
         locking: resolved.locking,
         forceShare: resolved.forceShare,
         ...(resolved.offset !== undefined ? { offset: resolved.offset } : {}),

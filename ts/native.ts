@@ -26,6 +26,8 @@ export interface NativeExportConfig {
   /** 'auto' | 'on' | 'off' */
   ioUring: string
   /** 'auto' | 'on' | 'off' */
+  passthrough: string
+  /** 'auto' | 'on' | 'off' */
   locking: string
   forceShare: boolean
   /** An NBD source (then `source` and `nullSize` are unset). */
@@ -89,6 +91,10 @@ export interface NativeExport {
   readonly ioUring: boolean
   /** With ioUring 'auto' served by read(2): why io_uring was not used; else null. */
   readonly ioUringFallback: string | null
+  /** Whether opens may go straight to the image (FUSE passthrough; false once closed). */
+  readonly passthrough: boolean
+  /** With passthrough 'auto' not used: why; else null. */
+  readonly passthroughFallback: string | null
   /** For an export made by `startFakeDevice`: the socket end that stands in for the kernel; else null. */
   readonly fakeDevicePeerFd: number | null
 }

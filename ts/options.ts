@@ -30,6 +30,8 @@ export type AllowOther = 'on' | 'off' | 'auto'
 export type CacheMode = 'writeback' | 'none'
 /** How requests reach the export: FUSE-over-io_uring, `read(2)` on /dev/fuse, or the first that works. */
 export type IoUringMode = 'auto' | 'on' | 'off'
+/** Whether opens may go straight to a raw image (FUSE passthrough); see {@link FuseExportOptions.passthrough}. */
+export type PassthroughMode = 'auto' | 'on' | 'off'
 /** QEMU-compatible image locking (QEMU's `locking=`): take the locks, fall back with a warning where the file system has none, or take none. */
 export type LockingMode = 'auto' | 'on' | 'off'
 /** What to do when the native core halts the export. */
@@ -172,6 +174,19 @@ export interface FuseExportOptions {
    */
   ioUring?: IoUringMode
   /**
+   * FUSE passthrough (Linux 6.9+, CAP_SYS_ADMIN): the kernel sends an open's reads straight to
+   * the image, without a round trip through the export. Only for a raw image on a regular
+   * file, where offset N of the export is offset N of the image. Decided per open: read-only
+   * opens pass through (with `cache: 'none'` only those opened with O_DIRECT); writable opens
+   * are served as without it, so size, read-only and first-sector rules hold. `'auto'`: used on
+   * read-only exports when the kernel and privileges allow it ({@link FuseExport.passthrough}
+   * says whether, {@link FuseExport.passthroughFallback} why not); a writable export is not
+   * passed through in `'auto'` (docs/DESIGN.md, "Passthrough"). `'on'`: used on read-only and
+   * writable exports; `create()` fails with `PASSTHROUGH_UNAVAILABLE` where it cannot be.
+   * `'off'`: never. Default: `'auto'`.
+   */
+  passthrough?: PassthroughMode
+  /**
    * Image locks that QEMU understands: the OFD byte-range locks of QEMU's `file-posix` driver, on
    * the image and on every backing file. A writable export holds write and resize and shares
    * neither; a read-only export holds consistent-read and does not let others write or resize
@@ -215,6 +230,7 @@ export interface ResolvedFuseExportOptions {
   readonly cache: CacheMode
   readonly writethrough: boolean
   readonly ioUring: IoUringMode
+  readonly passthrough: PassthroughMode
   readonly locking: LockingMode
   readonly forceShare: boolean
   readonly onHalt: OnHalt
@@ -240,6 +256,7 @@ const KNOWN_OPTIONS = [
   'cache',
   'writethrough',
   'ioUring',
+  'passthrough',
   'locking',
   'forceShare',
   'onHalt',
@@ -446,6 +463,7 @@ export function normalizeOptions(input: unknown): ResolvedFuseExportOptions {
     cache: optionalEnum<CacheMode>(options, 'cache', ['writeback', 'none'], 'writeback'),
     writethrough: optionalBoolean(options, 'writethrough'),
     ioUring: optionalEnum<IoUringMode>(options, 'ioUring', ['auto', 'on', 'off'], 'auto'),
+    passthrough: optionalEnum<PassthroughMode>(options, 'passthrough', ['auto', 'on', 'off'], 'auto'),
     locking: optionalEnum<LockingMode>(options, 'locking', ['auto', 'on', 'off'], 'auto'),
     forceShare,
     onHalt: optionalEnum<OnHalt>(options, 'onHalt', ['unmount', 'keep'], 'unmount'),

@@ -8,6 +8,7 @@ import { once, type EventEmitter } from 'node:events'
 import type { ExecutionContext } from 'ava'
 
 import { FuseExport, type FuseExportOptions } from '../../ts/index.js'
+import { imageFixture, type ImageFixture } from './exports.js'
 import { run, type RunResult } from './run.js'
 
 /** The environment of every client: the C locale, so that `strerror` texts are the English ones. */
@@ -37,6 +38,23 @@ export async function openExport(t: ExecutionContext, options: FuseExportOptions
     await exp.close()
   })
   return exp
+}
+
+/** A writable export of a fresh raw image of `size` (format `'raw'`: no probing), closed by teardown. */
+export async function writableRawExport(
+  t: ExecutionContext,
+  size: number,
+  options: Pick<FuseExportOptions, 'cache' | 'growable' | 'passthrough'>,
+): Promise<{ f: ImageFixture; exp: FuseExport }> {
+  const f = await imageFixture(t, size)
+  const exp = await openExport(t, {
+    source: f.image,
+    mountpoint: f.mountpoint,
+    writable: true,
+    format: 'raw',
+    ...options,
+  })
+  return { f, exp }
 }
 
 /** `stat -c <format> path`, trimmed. */

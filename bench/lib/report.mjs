@@ -72,7 +72,9 @@ export function renderTables(cells, peers, nThreads, rawOf = {}) {
   const bf1 = `blockfuse-1t`
   const bfN = `blockfuse-${nThreads}t`
   const lines = []
+  const pt = present.some((p) => p.id === 'blockfuse-pt')
   const head = ['cell', ...present.map((p) => p.label), `bf-1t / QEMU`, `bf-${nThreads}t / QEMU`, 'best bf / ceiling']
+  if (pt) head.push('bf-pt / ceiling')
   lines.push(`| ${head.join(' | ')} |`)
   lines.push(`|${head.map((_, i) => (i === 0 ? ':---' : '---:')).join('|')}|`)
   for (const c of cells) {
@@ -87,6 +89,7 @@ export function renderTables(cells, peers, nThreads, rawOf = {}) {
       ratio(get(bfN), get('qemu')),
       reused ? `${ratio(bestBf, reused.iops)} ¹` : ratio(bestBf, get('ceiling')),
     ]
+    if (pt) row.push(ratio(get('blockfuse-pt'), get('ceiling')))
     lines.push(`| ${row.join(' | ')} |`)
   }
   if (cells.some((c) => rawOf[c.id.split(':')[0]])) {

@@ -210,7 +210,12 @@ fn serve(export: &Export, msg: &[u8], small: &mut [u8; MAX_SMALL_REPLY], area: &
     let len_before = export.backend().len();
     if let Op::Init { major, minor, max_readahead, flags, flags2 } = req.op {
         // What the transport does with the first INIT.
-        let limits = InitLimits { max_write: MAX_READ as u32, page_size: 4096, io_uring: true };
+        let limits = InitLimits {
+            max_write: MAX_READ as u32,
+            page_size: 4096,
+            io_uring: true,
+            passthrough: true,
+        };
         let negotiated = negotiate_init(major, minor, max_readahead, flags, flags2, limits);
         if let Ok((out, negotiated)) = negotiated {
             let n = init_out(small, &out);

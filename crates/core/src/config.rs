@@ -17,7 +17,9 @@ use crate::error::{Error, Result};
 use crate::export::{Export, ExportOptions};
 use crate::layers::{self, Layers};
 use crate::sys;
-use crate::transport::{IoUringMode, Session, SessionConfig, SessionEvent, MAX_TRANSFER};
+use crate::transport::{
+    IoUringMode, PassthroughMode, Session, SessionConfig, SessionEvent, MAX_TRANSFER,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -61,6 +63,8 @@ pub struct ExportConfig {
     pub cache: CacheMode,
     pub writethrough: bool,
     pub io_uring: IoUringMode,
+    /// Whether opens may go straight to a raw image (FUSE passthrough).
+    pub passthrough: PassthroughMode,
     /// QEMU-compatible image locks on the image and its backing files.
     pub locking: LockMode,
     /// Read-only: share write and resize with others (`qemu-img -U`).
@@ -93,6 +97,7 @@ pub fn start_with_faults(
         allow_other: cfg.allow_other,
         threads: cfg.threads,
         io_uring: cfg.io_uring,
+        passthrough: cfg.passthrough,
     };
     let on_event: std::sync::Arc<dyn Fn(SessionEvent) + Send + Sync> = on_event.into();
     let sink = on_event.clone();

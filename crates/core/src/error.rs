@@ -25,6 +25,9 @@ pub enum Error {
     /// FUSE-over-io_uring was required (or chosen) but cannot be used.
     #[error("FUSE-over-io_uring: {0}")]
     IoUring(String),
+    /// FUSE passthrough was required but cannot be used.
+    #[error("FUSE passthrough: {0}")]
+    Passthrough(String),
     #[error("{0}")]
     Internal(String),
     /// The image cannot be served as asked, for a reason with its own code (`IMAGE_LOCKED`,
@@ -65,6 +68,7 @@ impl Error {
             Error::InvalidConfig(_) => "INVALID_CONFIG",
             Error::Unmount(_) => "CLOSE_FAILED",
             Error::IoUring(_) => "IO_URING_UNAVAILABLE",
+            Error::Passthrough(_) => "PASSTHROUGH_UNAVAILABLE",
             Error::Internal(_) => "INTERNAL",
             Error::Refused { code, .. } => code,
             Error::NbdUri(_) => "NBD_URI_INVALID",

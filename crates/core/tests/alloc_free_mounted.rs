@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 
 use blockfuse_core::backend::CacheMode;
 use blockfuse_core::config::{self, ExportConfig, Source};
-use blockfuse_core::transport::IoUringMode;
+use blockfuse_core::transport::{IoUringMode, PassthroughMode};
 
 mod counting_alloc;
 use counting_alloc::{Counting, MEASURING, QUEUE_ALLOCATIONS, QUEUE_ALLOCATIONS_EVER};
@@ -60,6 +60,7 @@ fn allocations_in_steady_state(mode: IoUringMode, threads: usize) -> u64 {
         cache: CacheMode::Writeback,
         writethrough: false,
         io_uring: mode,
+        passthrough: PassthroughMode::Off,
         locking: Default::default(),
         force_share: false,
         layers: Default::default(),

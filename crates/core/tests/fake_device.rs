@@ -13,7 +13,7 @@ use blockfuse_core::config::{self, ExportConfig, Source};
 use blockfuse_core::export::{Export, ExportOptions};
 use blockfuse_core::protocol::abi::opcode::*;
 use blockfuse_core::transport::queue::{run_queue, Shared, StopCause, WORKERS_PER_QUEUE};
-use blockfuse_core::transport::{IoUringMode, Session, SessionEvent};
+use blockfuse_core::transport::{IoUringMode, PassthroughMode, Session, SessionEvent};
 
 mod common;
 use common::*;
@@ -417,6 +417,7 @@ fn a_raw_image_is_read_and_written_through_the_fake_device() {
         cache: CacheMode::Writeback,
         writethrough: false,
         io_uring: IoUringMode::Off,
+        passthrough: PassthroughMode::Off,
         locking: Default::default(),
         force_share: false,
         layers: Default::default(),
@@ -485,6 +486,7 @@ fn raw_device(file: TempImage, growable: bool, cache: CacheMode) -> RawDevice {
         cache,
         writethrough: false,
         io_uring: IoUringMode::Off,
+        passthrough: PassthroughMode::Off,
         locking: Default::default(),
         force_share: false,
         layers: Default::default(),

@@ -10,7 +10,7 @@ use blockfuse_core::backend::nbd::TlsFiles;
 use blockfuse_core::backend::{BlockBackend, CacheMode, FaultSpec, LockMode, MAX_IMAGE_SIZE};
 use blockfuse_core::config::{self, ExportConfig, NbdSource, Source};
 use blockfuse_core::layers::{Layers, Slice};
-use blockfuse_core::transport::{IoUringMode, Session, SessionEvent};
+use blockfuse_core::transport::{IoUringMode, PassthroughMode, Session, SessionEvent};
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi_derive::napi;
@@ -77,6 +77,8 @@ pub struct NativeExportConfig {
     pub writethrough: bool,
     /// 'auto' | 'on' | 'off'
     pub io_uring: String,
+    /// 'auto' | 'on' | 'off'
+    pub passthrough: String,
     /// 'auto' | 'on' | 'off'
     pub locking: String,
     pub force_share: bool,
@@ -172,6 +174,12 @@ fn to_core(c: NativeExportConfig) -> Result<ExportConfig> {
         "off" => IoUringMode::Off,
         other => return Err(invalid(format!("unknown ioUring mode {other:?}"))),
     };
+    let passthrough = match c.passthrough.as_str() {
+        "auto" => PassthroughMode::Auto,
+        "on" => PassthroughMode::On,
+        "off" => PassthroughMode::Off,
+        other => return Err(invalid(format!("unknown passthrough mode {other:?}"))),
+    };
     let locking = match c.locking.as_str() {
         "auto" => LockMode::Auto,
         "on" => LockMode::On,
@@ -211,6 +219,7 @@ fn to_core(c: NativeExportConfig) -> Result<ExportConfig> {
         cache,
         writethrough: c.writethrough,
         io_uring,
+        passthrough,
         locking,
         force_share: c.force_share,
     })
@@ -417,6 +426,20 @@ impl NativeExport {
     pub fn io_uring_fallback(&self) -> Option<String> {
         let guard = self.session.lock().unwrap_or_else(|e| e.into_inner());
         guard.as_ref().and_then(|s| s.io_uring_fallback().map(str::to_string))
+    }
+
+    /// Whether opens may go straight to the image (FUSE passthrough; false once closed).
+    #[napi(getter)]
+    pub fn passthrough(&self) -> bool {
+        let guard = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().is_some_and(|s| s.passthrough())
+    }
+
+    /// With passthrough 'auto' not used: why.
+    #[napi(getter)]
+    pub fn passthrough_fallback(&self) -> Option<String> {
+        let guard = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().and_then(|s| s.passthrough_fallback().map(str::to_string))
     }
 
     /// Current size of the exported image in bytes (0 once closed).

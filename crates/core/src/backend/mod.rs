@@ -135,6 +135,21 @@ impl Backend {
             Backend::Fault(f) => f.inner().format_name(),
         }
     }
+
+    /// The file FUSE passthrough may send opens to (and whether it is open with O_DIRECT), or
+    /// why there is none: only a raw image on a regular file maps offset N to offset N. A probed
+    /// raw image that is writable is not passed through: a writable mapping of the backing file
+    /// would bypass the first-sector check.
+    pub fn passthrough_file(&self, writable: bool) -> Result<(&std::fs::File, bool), &'static str> {
+        match self {
+            Backend::Raw(r) => r.passthrough_file(),
+            Backend::ProbedRaw(p) if !writable => p.inner().passthrough_file(),
+            Backend::ProbedRaw(_) => {
+                Err("a writable probed raw image keeps its first-sector check; give format 'raw'")
+            }
+            _ => Err("only raw images on regular files pass through"),
+        }
+    }
 }
 
 macro_rules! dispatch {

@@ -80,6 +80,11 @@ pub struct ProbedRaw<B = RawBackend> {
 }
 
 impl<B: BlockBackend> ProbedRaw<B> {
+    /// The backend whose first sector this one guards.
+    pub fn inner(&self) -> &B {
+        &self.inner
+    }
+
     pub fn new(inner: B) -> Self {
         ProbedRaw {
             inner,

@@ -91,6 +91,15 @@ impl RawBackend {
         })
     }
 
+    /// The image file, and whether it is open with O_DIRECT, for FUSE passthrough: only a
+    /// regular file can be a backing file.
+    pub fn passthrough_file(&self) -> Result<(&File, bool), &'static str> {
+        match self.file.metadata() {
+            Ok(m) if m.file_type().is_file() => Ok((&self.file, self.alignment > 1)),
+            _ => Err("the image is not a regular file"),
+        }
+    }
+
     fn is_aligned(&self, ptr: *const u8, len: usize, offset: u64) -> bool {
         let a = self.alignment as u64;
         a <= 1

@@ -1,8 +1,7 @@
 //! FUSE_INIT negotiation: which protocol version and features we agree on with the kernel.
 
 use crate::protocol::abi::{
-    init_flags::*, init_flags2::FUSE_OVER_IO_URING, KERNEL_MINOR_VERSION, KERNEL_VERSION,
-    MIN_KERNEL_MINOR_VERSION,
+    init_flags::*, init_flags2::*, KERNEL_MINOR_VERSION, KERNEL_VERSION, MIN_KERNEL_MINOR_VERSION,
 };
 use crate::protocol::encode::InitOut;
 
@@ -14,6 +13,8 @@ pub struct InitLimits {
     pub page_size: u32,
     /// Ask for FUSE-over-io_uring if the kernel offers it.
     pub io_uring: bool,
+    /// Ask for FUSE_PASSTHROUGH if the kernel offers it.
+    pub passthrough: bool,
 }
 
 /// The agreed parameters the transport needs after INIT.
@@ -24,6 +25,8 @@ pub struct Negotiated {
     pub max_write: u32,
     /// FUSE-over-io_uring was agreed: requests arrive through ring entries once registered.
     pub io_uring: bool,
+    /// FUSE_PASSTHROUGH was agreed: opens may name a registered backing file.
+    pub passthrough: bool,
 }
 
 /// Pages in one request without FUSE_MAX_PAGES (`FUSE_DEFAULT_MAX_PAGES_PER_REQ`).
@@ -63,8 +66,18 @@ pub fn negotiate_init(
     // `enable_uring` parameter is on; 7.42 defined the ring entries' layout.
     let ext = kernel_flags & FUSE_INIT_EXT != 0;
     let io_uring = limits.io_uring && ext && minor >= 42 && kernel_flags2 & FUSE_OVER_IO_URING != 0;
-    let (flags, flags2) =
-        if io_uring { (flags | FUSE_INIT_EXT, FUSE_OVER_IO_URING) } else { (flags, 0) };
+    // Every open is FOPEN_DIRECT_IO; without DIRECT_IO_ALLOW_MMAP (7.39, Linux 6.6) the kernel
+    // refuses mmap(MAP_SHARED) of such a file with ENODEV. With it, the kernel serves a mapping
+    // from the page cache (READ/WRITE requests to us) and keeps it coherent with direct I/O.
+    let allow_mmap = ext && minor >= 39 && kernel_flags2 & FUSE_DIRECT_IO_ALLOW_MMAP != 0;
+    // 7.40 (Linux 6.9) defined passthrough and `max_stack_depth`; our backing file is the
+    // image, on a file system that is not itself stacked (the kernel refuses deeper ones).
+    let passthrough =
+        limits.passthrough && ext && minor >= 40 && kernel_flags2 & FUSE_PASSTHROUGH != 0;
+    let flags2 = if io_uring { FUSE_OVER_IO_URING } else { 0 }
+        | if allow_mmap { FUSE_DIRECT_IO_ALLOW_MMAP } else { 0 }
+        | if passthrough { FUSE_PASSTHROUGH } else { 0 };
+    let flags = if flags2 != 0 { flags | FUSE_INIT_EXT } else { flags };
     let out = InitOut {
         major: KERNEL_VERSION,
         minor,
@@ -77,6 +90,7 @@ pub fn negotiate_init(
         time_gran: 1,
         max_pages: max_write.div_ceil(page).min(u16::MAX as u32) as u16,
         flags2,
+        max_stack_depth: u32::from(passthrough),
     };
-    Ok((out, Negotiated { minor, flags, max_write, io_uring }))
+    Ok((out, Negotiated { minor, flags, max_write, io_uring, passthrough }))
 }

@@ -12,7 +12,9 @@ use crate::protocol::decode::{Op, SetattrIn};
 use crate::protocol::encode::{self, Attr, Statfs};
 
 mod init;
+mod passthrough;
 pub use init::{negotiate_init, InitLimits, Negotiated};
+pub use passthrough::Passthrough;
 
 #[cfg(test)]
 mod tests;
@@ -93,6 +95,8 @@ pub struct Export {
     owner: Mutex<Owner>,
     /// Serialises size changes so two growing writes cannot shrink each other's result.
     resize: tokio::sync::Mutex<()>,
+    /// Which opens go straight to the image (none until the session registers it).
+    passthrough: Passthrough,
     pub stats: Stats,
 }
 
@@ -108,8 +112,14 @@ impl Export {
             opts,
             owner: Mutex::new(Owner { mode: libc::S_IFREG | perm, uid, gid }),
             resize: tokio::sync::Mutex::new(()),
+            passthrough: Passthrough::default(),
             stats: Stats::default(),
         }
+    }
+
+    /// The image registered as the FUSE connection's backing file (by the session, after INIT).
+    pub fn set_passthrough(&mut self, passthrough: Passthrough) {
+        self.passthrough = passthrough;
     }
 
     /// Whether clients may write (a read-only export never flushes its image).
@@ -144,7 +154,7 @@ impl Export {
             Op::Statfs => Outcome::Small(self.statfs(small)),
             Op::Getattr => Outcome::Small(self.getattr(small)),
             Op::Setattr(s) => self.setattr(s, small).await,
-            Op::Open { pid, .. } => {
+            Op::Open { pid, flags: open_flags } => {
                 let mut flags = fopen::FOPEN_DIRECT_IO | fopen::FOPEN_PARALLEL_DIRECT_WRITES;
                 // Our own process's files get no FLUSH on close: if the process ends without
                 // close(), its last thread closes them after the queue threads are gone, and a
@@ -154,7 +164,8 @@ impl Export {
                 if crate::sys::is_own_thread(pid) {
                     flags |= fopen::FOPEN_NOFLUSH;
                 }
-                Outcome::Small(encode::open_out(small, 0, flags))
+                let (flags, backing_id) = self.passthrough.open_reply(flags, open_flags);
+                Outcome::Small(encode::open_out(small, 0, flags, backing_id))
             }
             Op::Read { offset, size } => self.read(offset, size, data).await,
             Op::Write { offset, size } => self.write(offset, size, data, small).await,

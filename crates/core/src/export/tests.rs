@@ -190,7 +190,7 @@ fn lseek(e: &Export, offset: u64, whence: u32) -> Reply {
 // INIT
 
 fn limits() -> InitLimits {
-    InitLimits { max_write: 1 << 20, page_size: 4096, io_uring: false }
+    InitLimits { max_write: 1 << 20, page_size: 4096, io_uring: false, passthrough: false }
 }
 
 const WANTED: u32 = FUSE_ASYNC_READ | FUSE_ASYNC_DIO | FUSE_BIG_WRITES | FUSE_MAX_PAGES;
@@ -249,7 +249,7 @@ fn init_max_write_and_pages() {
     let (out, neg) = negotiate_init(7, 41, 0, !FUSE_MAX_PAGES, 0, limits()).unwrap();
     assert_eq!((out.max_write, neg.max_write), (128 << 10, 128 << 10));
     // Never more than our buffers take.
-    let small = InitLimits { max_write: 64 << 10, page_size: 4096, io_uring: false };
+    let small = InitLimits { max_write: 64 << 10, ..limits() };
     let (out, _) = negotiate_init(7, 41, 0, u32::MAX, 0, small).unwrap();
     assert_eq!(out.max_write, 64 << 10);
     // QEMU's 64 KiB is the floor the issue sets; we offer more.
@@ -275,7 +275,61 @@ fn init_agrees_on_io_uring_only_when_offered_asked_for_and_7_42() {
     ] {
         let (out, neg) = negotiate_init(7, minor, 0, flags, flags2, limits).unwrap();
         assert!(!neg.io_uring, "7.{minor} {flags:#x} {flags2:#x} {limits:?}");
-        assert_eq!((out.flags & FUSE_INIT_EXT, out.flags2), (0, 0));
+        assert_eq!(out.flags2 & FUSE_OVER_IO_URING, 0);
+        assert_eq!(out.flags & FUSE_INIT_EXT != 0, out.flags2 != 0, "INIT_EXT iff flags2");
+    }
+}
+
+#[test]
+fn init_agrees_on_passthrough_only_when_asked_offered_and_7_40() {
+    use crate::protocol::abi::init_flags2::FUSE_PASSTHROUGH as PT;
+    let want = InitLimits { passthrough: true, ..limits() };
+    let offered = WANTED | FUSE_INIT_EXT;
+    let (out, neg) = negotiate_init(7, 40, 0, offered, PT, want).unwrap();
+    assert!(neg.passthrough);
+    assert_eq!((out.flags2 & PT, out.max_stack_depth), (PT, 1));
+    assert_ne!(out.flags & FUSE_INIT_EXT, 0);
+    for (minor, flags, flags2, limits) in [
+        (39, offered, PT, want),
+        (40, WANTED, PT, want),
+        (41, offered, !PT, want),
+        (41, offered, PT, limits()),
+    ] {
+        let (out, neg) = negotiate_init(7, minor, 0, flags, flags2, limits).unwrap();
+        assert!(!neg.passthrough, "7.{minor} {flags:#x} {flags2:#x} {limits:?}");
+        assert_eq!((out.flags2 & PT, out.max_stack_depth), (0, 0));
+    }
+}
+
+#[test]
+fn passthrough_goes_to_read_only_opens_and_names_the_backing_file_on_every_open() {
+    use crate::export::Passthrough;
+    use fopen::{
+        FOPEN_DIRECT_IO as DIO, FOPEN_PARALLEL_DIRECT_WRITES as PAR, FOPEN_PASSTHROUGH as PT,
+    };
+    let served = DIO | PAR;
+    let (rd, rw, wr, direct) =
+        (libc::O_RDONLY as u32, libc::O_RDWR as u32, libc::O_WRONLY as u32, libc::O_DIRECT as u32);
+    assert_eq!(Passthrough::default().open_reply(served, rd), (served, 0), "no backing file");
+    let cached = Passthrough::new(3, false);
+    assert_eq!(cached.open_reply(served, rd), (PT, 3));
+    assert_eq!(cached.open_reply(served, rd | direct), (PT, 3));
+    assert_eq!(cached.open_reply(served, rw), (served | PT, 3), "writes stay with us");
+    assert_eq!(cached.open_reply(served, wr), (served | PT, 3));
+    let direct_image = Passthrough::new(5, true);
+    assert_eq!(direct_image.open_reply(served, rd | direct), (PT, 5));
+    assert_eq!(direct_image.open_reply(served, rd), (served | PT, 5), "would use the page cache");
+}
+
+#[test]
+fn init_allows_mmap_of_direct_io_files_when_offered_and_7_39() {
+    use crate::protocol::abi::init_flags2::FUSE_DIRECT_IO_ALLOW_MMAP as MMAP;
+    let offered = WANTED | FUSE_INIT_EXT;
+    let (out, _) = negotiate_init(7, 39, 0, offered, MMAP, limits()).unwrap();
+    assert_eq!((out.flags, out.flags2), (WANTED | FUSE_INIT_EXT, MMAP));
+    for (minor, flags, flags2) in [(38, offered, MMAP), (39, WANTED, MMAP), (41, offered, !MMAP)] {
+        let (out, _) = negotiate_init(7, minor, 0, flags, flags2, limits()).unwrap();
+        assert_eq!((out.flags & FUSE_INIT_EXT, out.flags2), (0, 0), "7.{minor} {flags2:#x}");
     }
 }
 

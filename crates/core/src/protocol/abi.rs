@@ -134,6 +134,12 @@ pub mod init_flags {
 pub mod init_flags2 {
     /// `FUSE_OVER_IO_URING` (1 << 41): requests through io_uring commands instead of read(2).
     pub const FUSE_OVER_IO_URING: u32 = 1 << (41 - 32);
+    /// `FUSE_DIRECT_IO_ALLOW_MMAP` (1 << 36, 7.39): `mmap(MAP_SHARED)` of a FOPEN_DIRECT_IO file
+    /// works (the kernel keeps the mapping coherent with direct reads and writes).
+    pub const FUSE_DIRECT_IO_ALLOW_MMAP: u32 = 1 << (36 - 32);
+    /// `FUSE_PASSTHROUGH` (1 << 37, 7.40): an open may send reads, writes and mmap straight to a
+    /// backing file registered with `FUSE_DEV_IOC_BACKING_OPEN`.
+    pub const FUSE_PASSTHROUGH: u32 = 1 << (37 - 32);
 }
 
 /// FUSE-over-io_uring (7.42): `IORING_OP_URING_CMD` commands on a /dev/fuse fd, each owning
@@ -161,6 +167,9 @@ pub mod fopen {
     pub const FOPEN_DIRECT_IO: u32 = 1 << 0;
     pub const FOPEN_NOFLUSH: u32 = 1 << 5;
     pub const FOPEN_PARALLEL_DIRECT_WRITES: u32 = 1 << 6;
+    /// The open uses the backing file named by `fuse_open_out.backing_id` (with FOPEN_DIRECT_IO
+    /// only for mmap: reads and writes still come to us).
+    pub const FOPEN_PASSTHROUGH: u32 = 1 << 7;
 }
 
 /// `fuse_setattr_in.valid`.

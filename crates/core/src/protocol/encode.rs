@@ -93,6 +93,8 @@ pub struct InitOut {
     pub max_pages: u16,
     /// The flags' upper half (read by the kernel when `flags` has FUSE_INIT_EXT).
     pub flags2: u32,
+    /// File systems stacked under a passthrough backing file, plus one (0 without passthrough).
+    pub max_stack_depth: u32,
 }
 
 /// `fuse_init_out`, truncated to the compat size the kernel's minor expects (before 7.23 the
@@ -102,7 +104,7 @@ pub fn init_out(buf: &mut [u8], o: &InitOut) -> usize {
     w.u32(o.major).u32(o.minor).u32(o.max_readahead).u32(o.flags);
     w.u16(o.max_background).u16(o.congestion_threshold).u32(o.max_write);
     w.u32(o.time_gran).u16(o.max_pages).u16(0); // map_alignment
-    w.u32(o.flags2).u32(0).u16(0).zeros(22); // flags2, max_stack_depth, request_timeout, unused
+    w.u32(o.flags2).u32(o.max_stack_depth).u16(0).zeros(22); // request_timeout, unused
     debug_assert_eq!(w.written(), size::INIT_OUT);
     if o.minor >= 23 {
         size::INIT_OUT
@@ -111,9 +113,9 @@ pub fn init_out(buf: &mut [u8], o: &InitOut) -> usize {
     }
 }
 
-/// `fuse_open_out`.
-pub fn open_out(buf: &mut [u8], fh: u64, open_flags: u32) -> usize {
-    Writer::new(buf).u64(fh).u32(open_flags).u32(0).written()
+/// `fuse_open_out`; `backing_id` is 0 unless `open_flags` has FOPEN_PASSTHROUGH.
+pub fn open_out(buf: &mut [u8], fh: u64, open_flags: u32, backing_id: u32) -> usize {
+    Writer::new(buf).u64(fh).u32(open_flags).u32(backing_id).written()
 }
 
 /// `fuse_write_out`.

@@ -537,6 +537,7 @@ fn sample_init_out(minor: u32) -> InitOut {
         time_gran: 1,
         max_pages: 256,
         flags2: 0,
+        max_stack_depth: 0,
     }
 }
 
@@ -594,7 +595,7 @@ fn statfs_out_layout() {
 #[test]
 fn open_write_lseek_out_layouts() {
     let mut b = [0xaau8; MAX_SMALL_REPLY];
-    assert_eq!(open_out(&mut b, 0x1234, 0x41), 16);
+    assert_eq!(open_out(&mut b, 0x1234, 0x41, 0), 16);
     assert_eq!((rd64(&b, 0), rd32(&b, 8), rd32(&b, 12)), (0x1234, 0x41, 0));
 
     let mut b = [0xaau8; MAX_SMALL_REPLY];
@@ -797,6 +798,16 @@ fn init_out_carries_flags2() {
     let out = InitOut { flags2: 0x200, ..sample_init_out(42) };
     assert_eq!(init_out(&mut b, &out), 64);
     assert_eq!(rd32(&b, 32), 0x200, "flags2 at its offset");
+    let out = InitOut { max_stack_depth: 1, ..sample_init_out(42) };
+    init_out(&mut b, &out);
+    assert_eq!(rd32(&b, 36), 1, "max_stack_depth after flags2");
+}
+
+#[test]
+fn open_out_carries_the_backing_id() {
+    let mut b = [0xaau8; MAX_SMALL_REPLY];
+    assert_eq!(open_out(&mut b, 0, 0x80, 7), 16);
+    assert_eq!((rd32(&b, 8), rd32(&b, 12)), (0x80, 7));
 }
 
 /// A fixture as FUSE-over-io_uring hands it over: `in_out` (128 bytes, header first), `op_in`

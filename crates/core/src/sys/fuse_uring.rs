@@ -17,26 +17,12 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
 use io_uring::{opcode, squeue, types};
 
-use super::uring::{Persistent, Ring, Slot};
+use super::uring::{EntryMem, Ring, Slot};
 use crate::aligned::AlignedBuf;
 use crate::protocol::abi::uring::{
     CMD_COMMIT_AND_FETCH, CMD_REGISTER, ENT_COMMIT_ID, ENT_IN_OUT_OFFSET, ENT_PAYLOAD_SZ,
     REQ_HEADER_SZ,
 };
-
-/// One entry's memory. The kernel has its address from REGISTER on.
-pub(crate) struct EntryMem {
-    header: Box<UnsafeCell<[u8; REQ_HEADER_SZ]>>,
-    /// Page-aligned, so a WRITE's data can go to an O_DIRECT file as it is. Only kept alive
-    /// here; reached through `payload_ptr`.
-    _payload: AlignedBuf,
-    payload_ptr: *mut u8,
-    payload_len: usize,
-    /// REGISTER's iovec pair (header, payload): read by the kernel during submission.
-    iov: Box<UnsafeCell<[libc::iovec; 2]>>,
-    slot: Persistent,
-    qid: u16,
-}
 
 /// A handle to one entry of this thread's ring, held by the one worker that serves it.
 pub struct FuseEntry {

@@ -347,6 +347,36 @@ pub fn eventfd_drain(fd: BorrowedFd<'_>) {
     let _ = unsafe { libc::read(fd.as_raw_fd(), count.as_mut_ptr().cast(), count.len()) };
 }
 
+/// `struct fuse_backing_map`: the fd to register; `flags` and `padding` must be 0.
+#[repr(C)]
+struct FuseBackingMap {
+    fd: i32,
+    flags: u32,
+    padding: u64,
+}
+
+/// `_IOW(229, 1, struct fuse_backing_map)` and `_IOW(229, 2, uint32_t)` of include/uapi/linux/fuse.h.
+const FUSE_DEV_IOC_BACKING_OPEN: libc::c_ulong = 0x4010_e501;
+const FUSE_DEV_IOC_BACKING_CLOSE: libc::c_ulong = 0x4004_e502;
+
+/// Registers `file` as a passthrough backing file of the FUSE connection `dev`
+/// (`FUSE_DEV_IOC_BACKING_OPEN`) and returns its backing id (> 0). Needs FUSE_PASSTHROUGH agreed
+/// in INIT and CAP_SYS_ADMIN in the initial user namespace (else EPERM).
+pub fn fuse_backing_open(dev: BorrowedFd<'_>, file: BorrowedFd<'_>) -> io::Result<u32> {
+    let map = FuseBackingMap { fd: file.as_raw_fd(), flags: 0, padding: 0 };
+    // SAFETY: `dev` is an open fd; the ioctl reads a `fuse_backing_map` from `&map`, which is
+    // valid and of the size the request number encodes, for the duration of the call.
+    let id = check(unsafe { libc::ioctl(dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_OPEN, &map) })?;
+    Ok(id as u32)
+}
+
+/// Drops the connection's registration of backing file `id` (`FUSE_DEV_IOC_BACKING_CLOSE`);
+/// opens that already use it keep it until they are released.
+pub fn fuse_backing_close(dev: BorrowedFd<'_>, id: u32) -> io::Result<()> {
+    // SAFETY: `dev` is an open fd; the ioctl reads one u32 from `&id`, valid for the call.
+    check(unsafe { libc::ioctl(dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_CLOSE, &id) }).map(drop)
+}
+
 /// Whether `tid` is a thread of this process (a FUSE request's pid is the caller's thread id).
 pub fn is_own_thread(tid: u32) -> bool {
     tid != 0 && Path::new(&format!("/proc/self/task/{tid}")).exists()

@@ -10,7 +10,7 @@
 //! reused. Long-lived operations ([`Persistent`] slots: FUSE entries, polls) only ever involve
 //! memory the ring itself owns, so they may stay with the kernel until the ring is gone.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, RefCell, UnsafeCell};
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
@@ -20,7 +20,8 @@ use std::task::{Context, Poll, Waker};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::fuse_uring::EntryMem;
+use crate::aligned::AlignedBuf;
+use crate::protocol::abi::uring::REQ_HEADER_SZ;
 
 pub(super) enum Slot {
     Free,
@@ -28,6 +29,22 @@ pub(super) enum Slot {
     Idle,
     Pending(Option<Waker>),
     Done(i32),
+}
+
+/// One FUSE-over-io_uring entry's memory (a `fuse_uring_req_header` and a payload buffer; the
+/// commands that use it are in `fuse_uring`). The kernel has its address from REGISTER on, so the
+/// ring owns it: it is freed only after the ring's fd is closed.
+pub(crate) struct EntryMem {
+    pub(super) header: Box<UnsafeCell<[u8; REQ_HEADER_SZ]>>,
+    /// Page-aligned, so a WRITE's data can go to an O_DIRECT file as it is. Only kept alive
+    /// here; reached through `payload_ptr`.
+    pub(super) _payload: AlignedBuf,
+    pub(super) payload_ptr: *mut u8,
+    pub(super) payload_len: usize,
+    /// REGISTER's iovec pair (header, payload): read by the kernel during submission.
+    pub(super) iov: Box<UnsafeCell<[libc::iovec; 2]>>,
+    pub(super) slot: Persistent,
+    pub(super) qid: u16,
 }
 
 /// One thread's ring and the table of operations in flight on it.

@@ -10,4 +10,6 @@ mod reply;
 pub mod ring_queue;
 pub mod session;
 
-pub use session::{IoUringMode, Session, SessionConfig, SessionEvent, MAX_TRANSFER};
+pub use session::{
+    IoUringMode, PassthroughMode, Session, SessionConfig, SessionEvent, MAX_TRANSFER,
+};

@@ -13,7 +13,7 @@ use super::queue::{run_queue_at, Shared, StopCause};
 use super::ring_queue::{plan_ring_queues, run_ring_queue};
 use crate::backend::{Backend, BlockBackend};
 use crate::error::{Error, Result};
-use crate::export::{negotiate_init, Export, InitLimits, Negotiated};
+use crate::export::{negotiate_init, Export, InitLimits, Negotiated, Passthrough};
 use crate::protocol::abi::{opcode, size, KERNEL_MINOR_VERSION};
 use crate::protocol::decode::{decode, DecodeError, Op};
 use crate::protocol::encode::{init_out, out_header, MAX_SMALL_REPLY};
@@ -31,6 +31,18 @@ pub struct SessionConfig {
     pub threads: usize,
     /// Whether requests come through FUSE-over-io_uring or read(2).
     pub io_uring: IoUringMode,
+    /// Whether opens may go straight to the image (FUSE passthrough).
+    pub passthrough: PassthroughMode,
+}
+
+/// Whether opens may go straight to a raw image (`passthrough` in the TS API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassthroughMode {
+    Off,
+    /// Read-only raw exports on regular files, when the kernel and privileges allow it.
+    Auto,
+    /// Raw exports on regular files, writable ones too; fail where it cannot be used.
+    On,
 }
 
 /// How requests reach the queues (`ioUring` in the TS API).
@@ -68,6 +80,10 @@ pub struct Session {
     negotiated: Negotiated,
     /// Why `IoUringMode::Auto` serves by read(2), when it does.
     io_uring_fallback: Option<String>,
+    /// The image's backing id and a dup of the session fd to drop it with, while registered.
+    backing: Option<(OwnedFd, u32)>,
+    /// Why `PassthroughMode::Auto` passes nothing through, when it does not.
+    passthrough_fallback: Option<String>,
 }
 
 type EventSink = Box<dyn Fn(SessionEvent) + Send + Sync>;
@@ -75,7 +91,7 @@ type EventSink = Box<dyn Fn(SessionEvent) + Send + Sync>;
 impl Session {
     /// Mounts `export` and returns once the kernel has been answered INIT, i.e. the mountpoint
     /// serves requests.
-    pub fn start(export: Export, cfg: SessionConfig, on_event: EventSink) -> Result<Session> {
+    pub fn start(mut export: Export, cfg: SessionConfig, on_event: EventSink) -> Result<Session> {
         if cfg.threads == 0 {
             return Err(Error::InvalidConfig("threads must be at least 1".into()));
         }
@@ -98,6 +114,21 @@ impl Session {
             },
         };
         let read_only = !export.options().writable;
+        // Checked before mounting, so that 'on' fails early where no kernel could help.
+        let mut passthrough_fallback = None;
+        let want_passthrough = match cfg.passthrough {
+            PassthroughMode::Off => false,
+            mode => match passthrough_candidate(&export, mode) {
+                Ok(()) => true,
+                Err(reason) if mode == PassthroughMode::On => {
+                    return Err(Error::Passthrough(reason))
+                }
+                Err(reason) => {
+                    passthrough_fallback = Some(reason);
+                    false
+                }
+            },
+        };
         let opts = MountOptions {
             mountpoint: cfg.mountpoint.clone(),
             read_only,
@@ -117,7 +148,12 @@ impl Session {
             e
         };
         let page = sys::page_size() as u32;
-        let limits = InitLimits { max_write: MAX_TRANSFER, page_size: page, io_uring: want_uring };
+        let limits = InitLimits {
+            max_write: MAX_TRANSFER,
+            page_size: page,
+            io_uring: want_uring,
+            passthrough: want_passthrough,
+        };
         let negotiated = answer_init(&fd, limits).map_err(unmount_on_error)?;
         if want_uring && !negotiated.io_uring {
             let reason = "the kernel did not offer FUSE_OVER_IO_URING in INIT".to_string();
@@ -125,6 +161,16 @@ impl Session {
                 return Err(unmount_on_error(Error::IoUring(reason)));
             }
             io_uring_fallback = Some(reason);
+        }
+        let mut backing = None;
+        if want_passthrough {
+            match register_backing(&fd, &mut export, negotiated.passthrough) {
+                Ok(registered) => backing = Some(registered),
+                Err(reason) if cfg.passthrough == PassthroughMode::On => {
+                    return Err(unmount_on_error(Error::Passthrough(reason)));
+                }
+                Err(reason) => passthrough_fallback = Some(reason),
+            }
         }
 
         let mut fds = vec![fd];
@@ -134,6 +180,8 @@ impl Session {
         if negotiated.io_uring {
             let mut session =
                 Self::run_rings(export, fds, (cfg.mountpoint, method), negotiated, on_event)?;
+            session.backing = backing;
+            session.passthrough_fallback = passthrough_fallback;
             session.guard = guard;
             session.mount_dev = mount_dev;
             session.claim = Some(claim);
@@ -156,6 +204,8 @@ impl Session {
         session.mount_dev = mount_dev;
         session.claim = Some(claim);
         session.io_uring_fallback = io_uring_fallback;
+        session.backing = backing;
+        session.passthrough_fallback = passthrough_fallback;
         Ok(session)
     }
 
@@ -168,6 +218,7 @@ impl Session {
             flags: 0,
             max_write: MAX_TRANSFER,
             io_uring: false,
+            passthrough: false,
         };
         Self::run(export, vec![fd], vec![None], None, negotiated, on_event)
     }
@@ -198,6 +249,8 @@ impl Session {
             idle_reads: false,
             negotiated,
             io_uring_fallback: None,
+            backing: None,
+            passthrough_fallback: None,
         }
     }
 
@@ -296,6 +349,16 @@ impl Session {
         self.io_uring_fallback.as_deref()
     }
 
+    /// Whether opens go straight to the image (FUSE passthrough; false once closed).
+    pub fn passthrough(&self) -> bool {
+        self.backing.is_some()
+    }
+
+    /// Why a `PassthroughMode::Auto` session passes nothing through, if it does not.
+    pub fn passthrough_fallback(&self) -> Option<&str> {
+        self.passthrough_fallback.as_deref()
+    }
+
     /// Requests being served right now, per queue.
     pub fn in_flight(&self) -> Vec<u64> {
         self.shared.in_flight()
@@ -311,6 +374,12 @@ impl Session {
     pub fn shutdown(&mut self) -> Result<()> {
         // Unmount first, while the queues still answer: the mountpoint is uncovered at once.
         self.shared.begin_close();
+        // Opens that use the backing file keep it until released; the registration goes now.
+        if let Some((dev, id)) = self.backing.take() {
+            if let Err(e) = sys::fuse_backing_close(dev.as_fd(), id) {
+                log::warn!("FUSE_DEV_IOC_BACKING_CLOSE of backing id {id} failed: {e}");
+            }
+        }
         let unmounted = match self.mount.take() {
             // Only our own mount: not one stacked on top, and nothing if it was unmounted from
             // outside already (umount, fusermount3 -u).
@@ -453,6 +522,51 @@ fn idle_fds(fds: &[OwnedFd]) -> Result<Vec<Option<OwnedFd>>> {
         }
     }
     Ok(idle)
+}
+
+/// Whether `export` can pass opens through at all in `mode`, before asking the kernel.
+fn passthrough_candidate(
+    export: &Export,
+    mode: PassthroughMode,
+) -> std::result::Result<(), String> {
+    let writable = export.options().writable;
+    // 'auto' only where a passed-through open cannot outlive the export harmfully: after a
+    // kill -9 of the server, opens that passed through keep reading (and a writable mapping
+    // would keep writing) the image, unseen by any lock (docs/DESIGN.md, "Passthrough").
+    if mode == PassthroughMode::Auto && writable {
+        return Err("'auto' passes through read-only exports only".into());
+    }
+    export.backend().passthrough_file(writable).map(drop).map_err(str::to_string)
+}
+
+/// Registers the image as the connection's backing file and tells the export.
+fn register_backing(
+    fd: &OwnedFd,
+    export: &mut Export,
+    agreed: bool,
+) -> std::result::Result<(OwnedFd, u32), String> {
+    if !agreed {
+        return Err("the kernel did not offer FUSE_PASSTHROUGH in INIT (Linux 6.9 or newer,                     CONFIG_FUSE_PASSTHROUGH)"
+            .into());
+    }
+    let (file, image_direct) = export.backend().passthrough_file(export.options().writable)?;
+    let id =
+        sys::fuse_backing_open(fd.as_fd(), file.as_fd()).map_err(|e| match e.raw_os_error() {
+            Some(libc::EPERM) => {
+                "registering the image needs CAP_SYS_ADMIN in the initial user namespace"
+                    .to_string()
+            }
+            _ => format!("FUSE_DEV_IOC_BACKING_OPEN failed: {e}"),
+        })?;
+    let dev = match fd.try_clone() {
+        Ok(dev) => dev,
+        Err(e) => {
+            let _ = sys::fuse_backing_close(fd.as_fd(), id);
+            return Err(format!("cannot keep the session fd for BACKING_CLOSE: {e}"));
+        }
+    };
+    export.set_passthrough(Passthrough::new(id, image_direct));
+    Ok((dev, id))
 }
 
 /// Reads the kernel's INIT from the fresh session fd and answers it.
