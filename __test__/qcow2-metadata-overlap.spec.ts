@@ -24,12 +24,12 @@ const COPIED = 1n << 63n
 const CLUSTER = 64 * KiB
 
 /** An image with 128 KiB of data (clusters 0 and 1) and where its metadata lives. */
-async function dataImage(t: ExecutionContext, compat: '0.10' | '1.1' = '1.1') {
+async function dataImage(t: ExecutionContext, compat: '0.10' | '1.1' = '1.1', size = 4 * MiB) {
   const dir = await tempDir(t)
   const image = join(dir, 'd.qcow2')
   const mnt = join(dir, 'm')
   await makeMountpoint(mnt)
-  await createQcow2(image, 4 * MiB, { compat })
+  await createQcow2(image, size, { compat })
   await qemuIo(image, 'qcow2', 'write -P 0x11 0 64k', 'write -P 0x22 64k 64k')
   await assertClean(t, image)
   const l1 = await readBe64(image, 40)
@@ -127,12 +127,7 @@ test('v2 (compat 0.10) images are protected too (no corrupt bit to set: writes f
 
 test('an L2 entry pointing at a free cluster that later becomes a new L2 table: the write through it fails with EIO', async (t) => {
   // 2 GiB: guest offset 1 GiB needs a second L2 table (one covers 512 MiB with 64 KiB clusters).
-  const dir = await tempDir(t)
-  const image = join(dir, 'd.qcow2')
-  const mnt = join(dir, 'm')
-  await makeMountpoint(mnt)
-  await createQcow2(image, 2048 * MiB)
-  await qemuIo(image, 'qcow2', 'write -P 0x11 0 64k')
+  const { dir, image, mnt, l1, l2 } = await dataImage(t, '1.1', 2048 * MiB)
   // Where the second L2 table goes: found on a copy, with the same writes through an export.
   const probe = join(dir, 'probe.qcow2')
   await copyFile(image, probe)
@@ -142,12 +137,10 @@ test('an L2 entry pointing at a free cluster that later becomes a new L2 table: 
   await p.sync()
   await p.close()
   await probeExp.close()
-  const l1 = await readBe64(image, 40)
   const newL2 = (await readBe64(probe, l1 + 2n * 8n)) & 0x00ff_ffff_ffff_fe00n
   t.not(newL2, 0n, 'the write at 1 GiB allocated an L2 table')
-  // Guest cluster 1 (not allocated) now "lives" on that cluster, which is free at open.
-  const l2 = (await readBe64(image, l1)) & 0x00ff_ffff_ffff_fe00n
-  await patch(image, l2 + 8n, be64(COPIED | newL2))
+  // Guest cluster 2 (not allocated) now "lives" on that cluster, which is free at open.
+  await patch(image, l2 + 16n, be64(COPIED | newL2))
 
   await openExport(t, { source: image, mountpoint: mnt, writable: true })
   const fh = await open(mnt, 'r+')
@@ -161,7 +154,7 @@ test('an L2 entry pointing at a free cluster that later becomes a new L2 table: 
   )
   const tableBefore = await peek(image, newL2, CLUSTER)
   const err = await t.throwsAsync(async () => {
-    await fh.write(Buffer.alloc(CLUSTER, 0xee), 0, CLUSTER, CLUSTER)
+    await fh.write(Buffer.alloc(CLUSTER, 0xee), 0, CLUSTER, 2 * CLUSTER)
     await fh.sync()
   })
   t.is((err as NodeJS.ErrnoException | undefined)?.code, 'EIO', String(err))
