@@ -127,7 +127,7 @@ mkdir -p "$pub/native" "$pub/npm" "$pub/scripts" "$pub/artifacts/bindings-$targe
 cp package.json README.md LICENSE "$pub/"
 cp -r dist "$pub/"
 cp native/binding.cjs native/binding.d.cts "$pub/native/"
-cp scripts/prepublish.mjs "$pub/scripts/"
+cp scripts/prepublish.mjs scripts/repository-urls.sh "$pub/scripts/"
 ln -s "$repo/node_modules" "$pub/node_modules"
 node -e "
   const fs = require('fs'), p = '$pub/package.json', m = JSON.parse(fs.readFileSync(p, 'utf8'))

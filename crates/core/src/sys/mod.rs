@@ -366,7 +366,7 @@ pub fn fuse_backing_open(dev: BorrowedFd<'_>, file: BorrowedFd<'_>) -> io::Resul
     let map = FuseBackingMap { fd: file.as_raw_fd(), flags: 0, padding: 0 };
     // SAFETY: `dev` is an open fd; the ioctl reads a `fuse_backing_map` from `&map`, which is
     // valid and of the size the request number encodes, for the duration of the call.
-    let id = check(unsafe { libc::ioctl(dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_OPEN, &map) })?;
+    let id = check(unsafe { libc::ioctl(dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_OPEN as _, &map) })?;
     Ok(id as u32)
 }
 
@@ -374,7 +374,7 @@ pub fn fuse_backing_open(dev: BorrowedFd<'_>, file: BorrowedFd<'_>) -> io::Resul
 /// opens that already use it keep it until they are released.
 pub fn fuse_backing_close(dev: BorrowedFd<'_>, id: u32) -> io::Result<()> {
     // SAFETY: `dev` is an open fd; the ioctl reads one u32 from `&id`, valid for the call.
-    check(unsafe { libc::ioctl(dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_CLOSE, &id) }).map(drop)
+    check(unsafe { libc::ioctl(dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_CLOSE as _, &id) }).map(drop)
 }
 
 /// Whether `tid` is a thread of this process (a FUSE request's pid is the caller's thread id).
