@@ -14,7 +14,7 @@ import { assertE2eEnvironment } from './helpers/env.js'
 import { imageFixture } from './helpers/exports.js'
 import { KiB, MiB } from './helpers/files.js'
 import { createQcow2, qcow2Dir } from './helpers/qcow2.js'
-import { mustClient, openExport, writableRawExport } from './helpers/semantics.js'
+import { mustClient, openExport, sizeOf, writableRawExport } from './helpers/semantics.js'
 
 test.before(() => {
   assertE2eEnvironment(['dd', 'python3', 'qemu-img'])
@@ -116,21 +116,83 @@ for (const cache of ['writeback', 'none'] as const) {
   })
 }
 
-test("'on', growable: writes past the end still grow the image through the export", async (t) => {
-  const { f, exp } = await writableRawExport(t, MiB, { growable: true, passthrough: 'on' })
-  t.true(exp.passthrough)
-  await mustClient('dd', [
-    'if=/dev/zero',
-    `of=${f.mountpoint}`,
-    'bs=4k',
-    'count=4',
-    `seek=${MiB / (4 * KiB)}`,
-    'conv=notrunc',
-    'status=none',
-  ])
-  t.is((await readFile(f.image)).length, MiB + 16 * KiB)
-  // A read-only open after the growth sees the new size and data.
-  const grown = await readFile(f.mountpoint)
-  t.is(grown.length, MiB + 16 * KiB)
-  t.true(grown.subarray(MiB).equals(Buffer.alloc(16 * KiB)))
+/** WRITE requests the export has served so far. */
+function writes(exp: { stats(): { requests: Record<string, number> } }): number {
+  return exp.stats().requests.WRITE ?? 0
+}
+
+/**
+ * Through one read-write fd: a write inside, a write past the end (a hole between), fsync, then
+ * fstat's size and the data read back through that fd and through a new read-only one.
+ */
+const GROWING_CLIENT = `
+import json, os, sys
+path, size = sys.argv[1], int(sys.argv[2])
+rw = os.open(path, os.O_RDWR)
+os.pwrite(rw, b'\\x33' * 4096, 100)
+os.pwrite(rw, b'\\x44' * 4096, size + 8192)
+os.fsync(rw)
+ro = os.open(path, os.O_RDONLY)
+print(json.dumps({
+    'size': os.fstat(rw).st_size,
+    'inside': [os.pread(fd, 4096, 100) == b'\\x33' * 4096 for fd in (rw, ro)],
+    'hole': [os.pread(fd, 8192, size) == bytes(8192) for fd in (rw, ro)],
+    'past': [os.pread(fd, 4096, size + 8192) == b'\\x44' * 4096 for fd in (rw, ro)],
+}))
+`
+
+for (const cache of ['writeback', 'none'] as const) {
+  const how = cache === 'writeback' ? 'writes pass through too' : 'writes are served (an O_DIRECT image)'
+  test(`'on', growable, cache ${cache}: ${how}; writes past the end grow the image, stat follows`, async (t) => {
+    const { f, exp } = await writableRawExport(t, MiB, { cache, growable: true, passthrough: 'on' })
+    t.true(exp.passthrough)
+    const r = await mustClient('python3', ['-c', GROWING_CLIENT, f.mountpoint, String(MiB)])
+    const grownSize = MiB + 12 * KiB
+    t.deepEqual(JSON.parse(r.stdout), {
+      size: grownSize,
+      inside: [true, true],
+      hole: [true, true],
+      past: [true, true],
+    })
+    if (cache === 'writeback') t.is(writes(exp), 0, 'no WRITE reached the export')
+    else t.true(writes(exp) > 0, 'the buffered writes were served by the export')
+    t.is(await sizeOf(f.mountpoint), grownSize, "GETATTR follows the image's size")
+    const image = await readFile(f.image)
+    t.is(image.length, grownSize)
+    t.true(image.subarray(100, 4196).equals(Buffer.alloc(4096, 0x33)))
+    t.true(image.subarray(MiB + 8 * KiB).equals(Buffer.alloc(4096, 0x44)))
+    // dd past the end too (O_DIRECT where the image is), and SETATTR's truncate stays ours.
+    await mustClient('dd', [
+      'if=/dev/zero',
+      `of=${f.mountpoint}`,
+      'bs=4k',
+      'count=4',
+      `seek=${grownSize / (4 * KiB)}`,
+      'conv=notrunc',
+      'oflag=direct',
+      'status=none',
+    ])
+    t.is(await sizeOf(f.mountpoint), grownSize + 16 * KiB)
+    await mustClient('truncate', ['-s', String(2 * MiB), f.mountpoint])
+    t.is(await sizeOf(f.mountpoint), 2 * MiB)
+    t.is((await readFile(f.image)).length, 2 * MiB)
+  })
+}
+
+test("'on', writable but not growable, or writethrough: writes stay with the export", async (t) => {
+  for (const options of [{ growable: false }, { growable: true, writethrough: true }]) {
+    const f = await imageFixture(t, MiB)
+    const exp = await openExport(t, {
+      source: f.image,
+      mountpoint: f.mountpoint,
+      writable: true,
+      format: 'raw',
+      passthrough: 'on',
+      ...options,
+    })
+    t.true(exp.passthrough)
+    await mustClient('dd', ['if=/dev/zero', `of=${f.mountpoint}`, 'bs=4k', 'count=2', 'conv=notrunc', 'status=none'])
+    t.true(writes(exp) > 0, JSON.stringify(options))
+    await exp.close()
+  }
 })

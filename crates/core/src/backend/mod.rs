@@ -150,6 +150,19 @@ impl Backend {
             _ => Err("only raw images on regular files pass through"),
         }
     }
+
+    /// Whether the kernel may write the passthrough file itself, and if so, from now on the
+    /// size is the file's (it may grow under us). Only an explicit raw image: a probed one keeps
+    /// its first-sector check, which a write the kernel makes would skip.
+    pub fn let_kernel_write_passthrough_file(&self) -> bool {
+        match self {
+            Backend::Raw(r) => {
+                r.follow_file_size();
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 macro_rules! dispatch {

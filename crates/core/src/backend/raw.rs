@@ -6,7 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::lock::{ImageLock, LockMode, Perms};
 use super::{file_io, BlockBackend, Extent};
@@ -38,6 +38,9 @@ pub struct RawOptions {
 pub struct RawBackend {
     file: File,
     len: AtomicU64,
+    /// The kernel writes the image too (FUSE passthrough of writable opens), and may extend it:
+    /// the size is then the file's, read on each use, not `len`.
+    size_follows_file: AtomicBool,
     alignment: u32,
     optimal_transfer: u32,
     submission: Submission,
@@ -83,6 +86,7 @@ impl RawBackend {
         Ok(RawBackend {
             file,
             len: AtomicU64::new(len),
+            size_follows_file: AtomicBool::new(false),
             alignment,
             optimal_transfer,
             submission: file_io::submission_for(opts.cache == CacheMode::None),
@@ -98,6 +102,13 @@ impl RawBackend {
             Ok(m) if m.file_type().is_file() => Ok((&self.file, self.alignment > 1)),
             _ => Err("the image is not a regular file"),
         }
+    }
+
+    /// From now on the size is read from the file on every use: writes that pass through to the
+    /// image (FUSE passthrough) extend it without telling us, and a GETATTR answered with an
+    /// older size would make the kernel cut the file's end off its page cache.
+    pub fn follow_file_size(&self) {
+        self.size_follows_file.store(true, Ordering::Release);
     }
 
     fn is_aligned(&self, ptr: *const u8, len: usize, offset: u64) -> bool {
@@ -141,6 +152,12 @@ impl RawBackend {
 
 impl BlockBackend for RawBackend {
     fn len(&self) -> u64 {
+        if self.size_follows_file.load(Ordering::Relaxed) {
+            // A regular file (only those pass through), so st_size is its size.
+            if let Ok(m) = self.file.metadata() {
+                return m.len();
+            }
+        }
         self.len.load(Ordering::Acquire)
     }
     fn alignment(&self) -> u32 {

@@ -311,14 +311,41 @@ fn passthrough_goes_to_read_only_opens_and_names_the_backing_file_on_every_open(
     let (rd, rw, wr, direct) =
         (libc::O_RDONLY as u32, libc::O_RDWR as u32, libc::O_WRONLY as u32, libc::O_DIRECT as u32);
     assert_eq!(Passthrough::default().open_reply(served, rd), (served, 0), "no backing file");
-    let cached = Passthrough::new(3, false);
+    let cached = Passthrough::new(3, false, false);
     assert_eq!(cached.open_reply(served, rd), (PT, 3));
     assert_eq!(cached.open_reply(served, rd | direct), (PT, 3));
     assert_eq!(cached.open_reply(served, rw), (served | PT, 3), "writes stay with us");
     assert_eq!(cached.open_reply(served, wr), (served | PT, 3));
-    let direct_image = Passthrough::new(5, true);
+    let direct_image = Passthrough::new(5, true, false);
     assert_eq!(direct_image.open_reply(served, rd | direct), (PT, 5));
     assert_eq!(direct_image.open_reply(served, rd), (served | PT, 5), "would use the page cache");
+}
+
+#[test]
+fn passthrough_writes_only_where_the_kernel_keeps_every_write_rule() {
+    use crate::export::Passthrough;
+    use fopen::{
+        FOPEN_DIRECT_IO as DIO, FOPEN_PARALLEL_DIRECT_WRITES as PAR, FOPEN_PASSTHROUGH as PT,
+    };
+    // (writable, growable, writethrough)
+    assert!(Passthrough::writes_keep_rules(true, true, false));
+    assert!(!Passthrough::writes_keep_rules(true, false, false), "non-growable: ENOSPC at the end");
+    assert!(!Passthrough::writes_keep_rules(true, true, true), "writethrough flushes first");
+    assert!(!Passthrough::writes_keep_rules(false, true, false), "read-only export");
+
+    let served = DIO | PAR;
+    let (rd, rw, wr, direct) =
+        (libc::O_RDONLY as u32, libc::O_RDWR as u32, libc::O_WRONLY as u32, libc::O_DIRECT as u32);
+    let writes = Passthrough::new(3, false, true);
+    assert!(writes.writes());
+    assert_eq!(writes.open_reply(served, rw), (PT, 3));
+    assert_eq!(writes.open_reply(served, wr | direct), (PT, 3));
+    assert_eq!(writes.open_reply(served, rd), (PT, 3));
+    // An O_DIRECT image never lets the kernel write: buffered writable opens would stay ours.
+    let direct_image = Passthrough::new(5, true, true);
+    assert!(!direct_image.writes());
+    assert_eq!(direct_image.open_reply(served, rw | direct), (served | PT, 5));
+    assert!(!Passthrough::default().writes());
 }
 
 #[test]

@@ -565,7 +565,11 @@ fn register_backing(
             return Err(format!("cannot keep the session fd for BACKING_CLOSE: {e}"));
         }
     };
-    export.set_passthrough(Passthrough::new(id, image_direct));
+    let o = export.options();
+    let writes = !image_direct
+        && Passthrough::writes_keep_rules(o.writable, o.growable, o.writethrough)
+        && export.backend().let_kernel_write_passthrough_file();
+    export.set_passthrough(Passthrough::new(id, image_direct, writes));
     Ok((dev, id))
 }
 
