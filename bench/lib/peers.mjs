@@ -126,7 +126,8 @@ export function serverCommand(peer, backend, image, mnt, opts) {
       return { cmd: process.execPath, args, ready: 'line' }
     }
     case 'fuser': {
-      const args = ['--threads', String(peer.threads)]
+      // --no-locking: the group's servers share the image (as blockfuse's --locking off).
+      const args = ['--threads', String(peer.threads), '--no-locking']
       if (backend.kind === 'file') args.push('--cache', backend.cache)
       args.push(backend.kind === 'null' ? `null:${size}` : image, mnt)
       return { cmd: path.join(ROOT, 'target', 'release', 'bench-fuser'), args, ready: 'line' }
