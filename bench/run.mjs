@@ -18,8 +18,8 @@ import { measure, ceilingTarget, fioArgs, runFio } from './lib/fio.mjs'
 import { ensureImage, ensureQcow2, prepareCache } from './lib/image.mjs'
 import { machineInfo, prepareUring } from './lib/machine.mjs'
 import { BACKENDS, buildMatrix, hasImage, parseCli } from './lib/options.mjs'
-import { peerList, peerRuns, preflight } from './lib/peers.mjs'
-import { renderMachine, renderTables, summarise } from './lib/report.mjs'
+import { peerList, peerRuns, preflight, seedVersion } from './lib/peers.mjs'
+import { renderCommands, renderMachine, renderTables, renderTargets, summarise } from './lib/report.mjs'
 import { cleanupSync, startNbdkit, startServer, stopNbdkit, stopServer } from './lib/servers.mjs'
 import { isMounted, parseSize, ROOT, run } from './lib/system.mjs'
 
@@ -46,8 +46,11 @@ async function main() {
   const qcow2Image = path.join(workDir, 'image.qcow2')
   const size = parseSize(opts.imageSize)
   const machine = machineInfo(opts, workDir)
+  machine.qemuSeed = peers.some((p) => p.family === 'qemu-seed') ? seedVersion(opts.qemuSeed) : 'not run'
   machine.uring = prepareUring(opts)
   machine.intakes = {}
+  // backend id -> peer id -> the command line that started the server
+  machine.commands = {}
 
   const groups = BACKENDS.map((b) => ({ backend: b, cells: cells.filter((c) => c.backend.id === b.id) })).filter(
     (g) => g.cells.length,
@@ -86,6 +89,8 @@ async function main() {
         const server = await startServer(p, backend, image, mntDir, opts)
         servers.set(p.id, server)
         if (server.intake) machine.intakes[p.id] = server.intake
+        machine.commands[backend.id] ??= {}
+        machine.commands[backend.id][p.id] = server.command
       }
       // Warm-up: first requests allocate buffers, spawn threads, fault pages in.
       for (const p of groupPeers) {
@@ -141,7 +146,8 @@ async function main() {
   }))
   const rawOf = Object.fromEntries(BACKENDS.filter((b) => b.raw).map((b) => [b.id, b.raw]))
   const { summary, detail, formats } = renderTables(summaryCells, peerList({ ...opts, peers: [] }), opts.threads, rawOf)
-  const title = opts.quick ? 'blockfuse bench (quick)' : 'blockfuse bench'
+  const targets = renderTargets(summaryCells, opts.threads)
+  const title = `blockfuse bench${opts.quick ? ' (quick)' : ''}${opts.preset ? ` (preset ${opts.preset})` : ''}`
   const md = [
     `# ${title}: ${machine.date.slice(0, 10)}`,
     '',
@@ -154,6 +160,7 @@ async function main() {
     '',
     summary,
     '',
+    ...(targets ? [targets, ''] : []),
     ...(formats ? [formats, ''] : []),
     '## Per peer',
     '',
@@ -161,13 +168,16 @@ async function main() {
     '',
     detail,
     '',
+    '## Server command lines',
+    '',
+    renderCommands(machine.commands),
+    '',
   ].join('\n')
   process.stdout.write(`\n${md}`)
 
   if (opts.save) {
     const day = machine.date.slice(0, 10)
-    const partial = opts.only.length || opts.peers.length
-    const name = `${day}${opts.quick ? '-quick' : ''}${partial ? '-partial' : ''}`
+    const name = `${day}${opts.quick ? '-quick' : ''}${opts.preset ? `-${opts.preset}` : ''}${opts.partial ? '-partial' : ''}`
     const rawDir = path.join(opts.out, name)
     fs.mkdirSync(rawDir, { recursive: true })
     fs.writeFileSync(path.join(opts.out, `${name}.md`), md)

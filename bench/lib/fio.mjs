@@ -32,6 +32,9 @@ const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).s
 
 export const ceilingTarget = (backend, image) => (backend.kind === 'nbd' ? nbdUri(image) : image)
 
+/** Seconds as fio takes them: whole seconds bare, fractions in milliseconds (fio's time unit suffix). */
+const fioSeconds = (s) => (Number.isInteger(s) ? `${s}` : `${Math.round(s * 1000)}ms`)
+
 export function fioArgs({ target, rw, engine, jobs, direct, runtime, ramp, output }) {
   const e = ENGINES[engine]
   // An NBD URI: fio's own nbd engine (libnbd, one connection per job), the same queue depth.
@@ -47,7 +50,7 @@ export function fioArgs({ target, rw, engine, jobs, direct, runtime, ramp, outpu
     `--numjobs=${jobs}`,
     '--group_reporting=1',
     '--time_based=1',
-    `--runtime=${runtime}`,
+    `--runtime=${fioSeconds(runtime)}`,
     '--invalidate=0',
     '--allow_file_create=0',
     '--norandommap=1',
@@ -55,7 +58,7 @@ export function fioArgs({ target, rw, engine, jobs, direct, runtime, ramp, outpu
     '--output-format=json',
     `--output=${output}`,
   ]
-  if (ramp > 0) args.push(`--ramp_time=${ramp}`)
+  if (ramp > 0) args.push(`--ramp_time=${fioSeconds(ramp)}`)
   return args
 }
 

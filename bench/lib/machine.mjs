@@ -81,6 +81,8 @@ export function machineInfo(opts, workDir) {
       ramp: opts.ramp,
       imageSize: opts.imageSize,
       quick: opts.quick,
+      preset: opts.preset,
+      qemuSeed: opts.qemuSeed,
       only: opts.only,
       peers: opts.peers,
       ioUring: opts.ioUring,

@@ -8,6 +8,9 @@ import { BENCH_DIR } from './system.mjs'
 export const USAGE = `Usage: node bench/run.mjs [options]
 
   --quick            small subset (null and file-direct; randread, randwrite; aio; 1 job; 1 rep)
+  --preset seed      issue 16's run in about 20 min: every default cell against blockfuse 1t / Nt,
+                     the seed's QEMU 1t / Nt and the ceiling, 3 reps × 1.5 s (needs the seed:
+                     --qemu-seed or BLOCKFUSE_QEMU_SEED); --peers, --reps, --runtime override it
   --only CELLS       comma-separated cell patterns backend[:rw[:engine[:jN]]], '*' for any part;
                      backend is null, file-direct, file-cached, or file (both file modes), or
                      qcow2-direct, qcow2-cached, qcow2 (both), or nbd (nbdkit memory); qcow2
@@ -15,9 +18,12 @@ export const USAGE = `Usage: node bench/run.mjs [options]
                      --quick or a '*' backend)
                      e.g. --only null:randread:aio  or  --only file-direct:*:sync:j2
                      or  --only qcow2-direct:randread:aio,file-direct:randread:aio
-  --peers PEERS      comma-separated peers: blockfuse, qemu, fuser, nbdfuse, ceiling, or exact ids like
-                     blockfuse-1t, fuser-2t (default: all)
-  --threads N        threads of the multi-threaded blockfuse and fuser peers (default: 2)
+  --peers PEERS      comma-separated peers: qemu-seed, blockfuse, qemu, fuser, nbdfuse, ceiling, or
+                     exact ids like blockfuse-1t, qemu-seed-2t, fuser-2t (default: all)
+  --qemu-seed PATH   the seed's qemu-storage-daemon (upstream QEMU with the whole FUSE series), run
+                     as qemu-seed-1t (main loop) and qemu-seed-Nt (N iothreads); default: the
+                     environment variable BLOCKFUSE_QEMU_SEED; without either both are skipped
+  --threads N        threads of the multi-threaded blockfuse, seed QEMU and fuser peers (default: 2)
   --io-uring MODE    blockfuse's --io-uring for both blockfuse peers: auto (default: io_uring
                      with several threads, read(2) with one), on, off. Unless off, the bench
                      turns the kernel's FUSE-over-io_uring on (fuse.enable_uring=Y) for the
@@ -45,13 +51,33 @@ function oneOf(name, v, allowed) {
   return v
 }
 
+/**
+ * Named runs. `seed` answers issue 16: the whole default matrix (48 cells) with the peers its
+ * targets name, sized for about 20 min on 2 cores (224 cell-peer pairs × 3 reps × 1.5 s).
+ */
+const PRESETS = {
+  seed: {
+    peers: (n) => ['blockfuse-1t', `blockfuse-${n}t`, 'qemu-seed', 'ceiling'],
+    reps: 3,
+    runtime: 1.5,
+    needsSeed: true,
+  },
+}
+
+/** The seed's binary as an absolute path, or null when neither the option nor the variable is set. */
+function seedPath(p) {
+  return p ? path.resolve(p) : null
+}
+
 export function parseCli(argv) {
   const { values } = parseArgs({
     args: argv,
     options: {
       quick: { type: 'boolean' },
+      preset: { type: 'string' },
       only: { type: 'string' },
       peers: { type: 'string' },
+      'qemu-seed': { type: 'string' },
       threads: { type: 'string' },
       'io-uring': { type: 'string' },
       reps: { type: 'string' },
@@ -71,7 +97,14 @@ export function parseCli(argv) {
     process.exit(0)
   }
   const quick = !!values.quick
+  const preset = values.preset === undefined ? {} : PRESETS[oneOf('preset', values.preset, Object.keys(PRESETS))]
+  const threads = Math.floor(num('threads', values.threads, 2, 2))
+  const qemuSeed = seedPath(values['qemu-seed'] ?? process.env.BLOCKFUSE_QEMU_SEED)
+  if (preset.needsSeed && !qemuSeed) {
+    throw new Error(`--preset ${values.preset} needs the seed's QEMU: --qemu-seed PATH or BLOCKFUSE_QEMU_SEED`)
+  }
   return {
+    preset: values.preset ?? null,
     quick,
     only: values.only
       ? values.only
@@ -84,11 +117,14 @@ export function parseCli(argv) {
           .split(',')
           .map((s) => s.trim())
           .filter(Boolean)
-      : [],
-    threads: Math.floor(num('threads', values.threads, 2, 2)),
+      : (preset.peers?.(threads) ?? []),
+    // Cells or peers chosen by hand: the results file says "-partial".
+    partial: !!(values.only || values.peers),
+    qemuSeed,
+    threads,
     ioUring: oneOf('io-uring', values['io-uring'] ?? 'auto', ['auto', 'on', 'off']),
-    reps: Math.floor(num('reps', values.reps, quick ? 1 : 3, 1)),
-    runtime: num('runtime', values.runtime, quick ? 3 : 2, 1),
+    reps: Math.floor(num('reps', values.reps, preset.reps ?? (quick ? 1 : 3), 1)),
+    runtime: num('runtime', values.runtime, preset.runtime ?? (quick ? 3 : 2), 1),
     ramp: num('ramp', values.ramp, 0, 0),
     imageSize: values['image-size'] ?? '1G',
     workDir: path.resolve(values['work-dir'] ?? path.join(BENCH_DIR, 'work')),

@@ -58,7 +58,7 @@ export async function startServer(peer, backend, image, mntDir, opts) {
   const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] })
   // What fio opens: the mountpoint itself, or the file nbdfuse serves inside it.
   const target = peer.family === 'nbdfuse' ? path.join(mnt, 'nbd') : mnt
-  const server = { peer, child, mnt, target, stderr: '', exited: false }
+  const server = { peer, child, mnt, target, command: [cmd, ...args], stderr: '', exited: false }
   live.add(server)
   ourMounts.add(mnt)
   child.stderr.on('data', (d) => {
