@@ -19,7 +19,15 @@ import { ensureImage, ensureQcow2, prepareCache } from './lib/image.mjs'
 import { machineInfo, prepareUring } from './lib/machine.mjs'
 import { BACKENDS, buildMatrix, hasImage, parseCli } from './lib/options.mjs'
 import { peerList, peerRuns, preflight, seedVersion } from './lib/peers.mjs'
-import { renderCommands, renderMachine, renderTables, renderTargets, summarise } from './lib/report.mjs'
+import {
+  renderCommands,
+  renderMachine,
+  renderTables,
+  renderTargets,
+  summarise,
+  TARGETS,
+  targetVerdicts,
+} from './lib/report.mjs'
 import { cleanupSync, startNbdkit, startServer, stopNbdkit, stopServer } from './lib/servers.mjs'
 import { isMounted, parseSize, ROOT, run } from './lib/system.mjs'
 
@@ -191,7 +199,13 @@ async function main() {
         [...(results.get(c.id) ?? new Map())].map(([pid, runs]) => [pid, runs.map(({ raw: _raw, ...rest }) => rest)]),
       ),
     }))
-    fs.writeFileSync(path.join(rawDir, 'summary.json'), JSON.stringify({ machine, cells: parsed }, null, 1))
+    // Issue 16's verdicts, machine-readable: per cell, per target (TARGETS order), per blockfuse form.
+    const verdicts = targetVerdicts(summaryCells, opts.threads)
+    const targetsJson = verdicts && { names: TARGETS, cells: verdicts }
+    fs.writeFileSync(
+      path.join(rawDir, 'summary.json'),
+      JSON.stringify({ machine, cells: parsed, targets: targetsJson }, null, 1),
+    )
     process.stderr.write(
       `bench: wrote ${path.relative(ROOT, path.join(opts.out, `${name}.md`))} and ${path.relative(ROOT, rawDir)}/\n`,
     )

@@ -236,10 +236,19 @@ function cellClass(id) {
  * the check is counted as not measured, never as held).
  */
 function check(label, value, holds, show = (v) => v.toFixed(2)) {
-  if (!Number.isFinite(value)) return { text: `${label} —`, ok: undefined }
+  if (!Number.isFinite(value)) return { text: `${label} —`, value: null, ok: undefined }
   const ok = holds(value)
-  return { text: `${label} ${show(value)} ${ok ? '✓' : '✗'}`, ok }
+  return { text: `${label} ${show(value)} ${ok ? '✓' : '✗'}`, value, ok }
 }
+
+/** Issue 16's targets, in the order of the report's columns. */
+export const TARGETS = [
+  'CPU-bound: ≥ 1.5× seed, same threads',
+  'CPU-bound aio: ≥ 1.5× best seed',
+  'O_DIRECT aio: ≥ 0.9 ceiling',
+  '≥ best seed',
+  'CPU µs/IO < seed, same threads',
+]
 
 /**
  * Issue 16's targets per cell, for blockfuse 1t and Nt (each against the seed's QEMU with the same
@@ -249,37 +258,25 @@ function check(label, value, holds, show = (v) => v.toFixed(2)) {
  * - O_DIRECT file cells (aio): >= 0.9 of the ceiling;
  * - every cell: not below the seed's better form (IOPS);
  * - every cell: server CPU per I/O below the seed's with the same threads.
- * Empty when no seed peer ran.
+ * Returns `[{ cell, checks }]`, `checks[i]` for `TARGETS[i]`: null where the target does not apply,
+ * else `[{ form, value, ok, text }]` per blockfuse form (`ok` undefined when a figure is missing).
+ * Null when no seed peer ran.
  */
-export function renderTargets(cells, nThreads) {
+export function targetVerdicts(cells, nThreads) {
   const seed1 = 'qemu-seed-1t'
   const seedN = `qemu-seed-${nThreads}t`
-  if (!cells.some((c) => c.peers[seed1] || c.peers[seedN])) return ''
+  if (!cells.some((c) => c.peers[seed1] || c.peers[seedN])) return null
   const forms = [
     ['1t', 'blockfuse-1t', seed1],
     [`${nThreads}t`, `blockfuse-${nThreads}t`, seedN],
   ]
-  const names = [
-    'CPU-bound: ≥ 1.5× seed, same threads',
-    'CPU-bound aio: ≥ 1.5× best seed',
-    'O_DIRECT aio: ≥ 0.9 ceiling',
-    '≥ best seed',
-    'CPU µs/IO < seed, same threads',
-  ]
-  const tally = names.map(() => ({ held: 0, missed: [], unmeasured: [] }))
-  const lines = [
-    `## Issue 16 targets (blockfuse 1t and ${nThreads}t against the seed's QEMU; ✓ holds, ✗ misses, — not measured)`,
-    '',
-    `| cell | ${names.join(' | ')} |`,
-    `|:---|${names.map(() => ':---').join('|')}|`,
-  ]
-  for (const c of cells) {
+  return cells.map((c) => {
     const cls = cellClass(c.id)
     const get = (id) => c.peers[id]?.iops
     const cpu = (id) => c.peers[id]?.cpuUsPerIo
     const best = bestOf(get(seed1), get(seedN))
     const applies = [cls.cpuBound, cls.cpuBound && cls.aio, cls.direct && cls.aio, true, true]
-    const checks = [
+    const rules = [
       (t, bf, sd) => check(t, get(bf) / get(sd), (r) => r >= 1.5),
       (t, bf) => check(t, get(bf) / best, (r) => r >= 1.5),
       (t, bf) => check(t, get(bf) / get('ceiling'), (r) => r >= 0.9),
@@ -292,21 +289,39 @@ export function renderTargets(cells, nThreads) {
           () => `${cpu(bf).toFixed(1)}/${cpu(sd).toFixed(1)}`,
         ),
     ]
-    const row = [`\`${c.id}\``]
-    checks.forEach((fn, i) => {
-      if (!applies[i]) {
+    const checks = rules.map((rule, i) =>
+      applies[i] ? forms.map(([t, bf, sd]) => ({ form: t, ...rule(t, bf, sd) })) : null,
+    )
+    return { cell: c.id, checks }
+  })
+}
+
+/** The report's section on issue 16's targets (see `targetVerdicts`); empty without the seed. */
+export function renderTargets(cells, nThreads) {
+  const verdicts = targetVerdicts(cells, nThreads)
+  if (!verdicts) return ''
+  const tally = TARGETS.map(() => ({ held: 0, missed: [], unmeasured: [] }))
+  const lines = [
+    `## Issue 16 targets (blockfuse 1t and ${nThreads}t against the seed's QEMU; ✓ holds, ✗ misses, — not measured)`,
+    '',
+    `| cell | ${TARGETS.join(' | ')} |`,
+    `|:---|${TARGETS.map(() => ':---').join('|')}|`,
+  ]
+  for (const { cell, checks } of verdicts) {
+    const row = [`\`${cell}\``]
+    for (const [i, results] of checks.entries()) {
+      if (!results) {
         row.push('')
-        return
+        continue
       }
-      const results = forms.map(([t, bf, sd]) => fn(t, bf, sd))
-      for (const [k, r] of results.entries()) {
-        const what = `${c.id} ${forms[k][0]}`
+      for (const r of results) {
+        const what = `${cell} ${r.form}`
         if (r.ok === true) tally[i].held++
         else if (r.ok === false) tally[i].missed.push(what)
         else tally[i].unmeasured.push(what)
       }
       row.push(results.map((r) => r.text).join(', '))
-    })
+    }
     lines.push(`| ${row.join(' | ')} |`)
   }
   lines.push('')
@@ -314,7 +329,7 @@ export function renderTargets(cells, nThreads) {
     'IOPS ratios use medians; "best seed" is the better of qemu-seed-1t and qemu-seed-Nt in that cell; CPU is the server\'s µs per I/O, blockfuse / seed.',
   )
   lines.push('')
-  for (const [i, name] of names.entries()) {
+  for (const [i, name] of TARGETS.entries()) {
     const t = tally[i]
     const total = t.held + t.missed.length + t.unmeasured.length
     if (!total) continue
