@@ -232,13 +232,13 @@ function cellClass(id) {
 }
 
 /**
- * One check of one blockfuse form: `{ text, ok }`, ok undefined when a figure is missing (then
- * the check is counted as not measured, never as held).
+ * One check of one blockfuse form (`label`, e.g. "1t"): `{ form, text, value, ok }`, ok undefined
+ * when a figure is missing (then the check is counted as not measured, never as held).
  */
 function check(label, value, holds, show = (v) => v.toFixed(2)) {
-  if (!Number.isFinite(value)) return { text: `${label} —`, value: null, ok: undefined }
+  if (!Number.isFinite(value)) return { form: label, text: `${label} —`, value: null, ok: undefined }
   const ok = holds(value)
-  return { text: `${label} ${show(value)} ${ok ? '✓' : '✗'}`, value, ok }
+  return { form: label, text: `${label} ${show(value)} ${ok ? '✓' : '✗'}`, value, ok }
 }
 
 /** Issue 16's targets, in the order of the report's columns. */
@@ -289,9 +289,7 @@ export function targetVerdicts(cells, nThreads) {
           () => `${cpu(bf).toFixed(1)}/${cpu(sd).toFixed(1)}`,
         ),
     ]
-    const checks = rules.map((rule, i) =>
-      applies[i] ? forms.map(([t, bf, sd]) => ({ form: t, ...rule(t, bf, sd) })) : null,
-    )
+    const checks = rules.map((rule, i) => (applies[i] ? forms.map(([t, bf, sd]) => rule(t, bf, sd)) : null))
     return { cell: c.id, checks }
   })
 }
