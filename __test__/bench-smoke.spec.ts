@@ -92,3 +92,67 @@ test('bench runs one nbd cell: blockfuse, nbdfuse and the fio nbd-engine ceiling
   assertRows(t, r.stdout, 'nbd:randread:aio:j1', peers)
   t.regex(r.stdout, /^\| `nbd:randread:aio:j1` \| \d+\.\d\d \| — \| \d+\.\d\d \| — \|$/m, 'nbd ratio row')
 })
+
+/** The environment without BLOCKFUSE_QEMU_SEED, so a test decides whether the seed is named. */
+function envWithoutSeed(): NodeJS.ProcessEnv {
+  const env = { ...process.env }
+  delete env.BLOCKFUSE_QEMU_SEED
+  return env
+}
+
+test('bench without --qemu-seed or BLOCKFUSE_QEMU_SEED skips the seed peers with one line and runs the rest', async (t) => {
+  const work = await benchWork(t, ['blockfuse-1t'])
+  const r = await run(
+    process.execPath,
+    [
+      BENCH,
+      '--only',
+      'null:randread:aio:j1',
+      '--runtime',
+      '1',
+      '--reps',
+      '1',
+      '--peers',
+      'qemu-seed,blockfuse-1t',
+      '--image-size',
+      '64M',
+      '--work-dir',
+      work,
+      '--no-save',
+    ],
+    { env: envWithoutSeed() },
+  )
+  t.is(r.code, 0, `bench failed:\n${r.stderr}`)
+  const skips = r.stderr.split('\n').filter((l) => /qemu-seed/.test(l))
+  t.deepEqual(skips, [
+    "bench: skipping qemu-seed-1t and qemu-seed-2t: no --qemu-seed PATH or BLOCKFUSE_QEMU_SEED (the seed's qemu-storage-daemon)",
+  ])
+  assertRows(t, r.stdout, 'null:randread:aio:j1', ['blockfuse-1t'])
+  t.notRegex(r.stdout, /qemu-seed-1t \|/, 'no seed row')
+})
+
+test('bench --qemu-seed naming no executable fails, naming the path and the way to skip it', async (t) => {
+  const work = await benchWork(t, ['blockfuse-1t'])
+  const missing = join(work, 'no-such-qemu-storage-daemon')
+  const r = await run(
+    process.execPath,
+    [
+      BENCH,
+      '--only',
+      'null:randread:aio:j1',
+      '--peers',
+      'qemu-seed,blockfuse-1t',
+      '--qemu-seed',
+      missing,
+      '--work-dir',
+      work,
+      '--no-save',
+    ],
+    { env: envWithoutSeed() },
+  )
+  t.is(r.code, 1)
+  t.is(
+    r.stderr.trim(),
+    `bench: peer qemu-seed unavailable: ${missing} is not an executable file (use --keep-going or --peers to skip it)`,
+  )
+})

@@ -6,9 +6,11 @@
 //! `--refuse-locks` makes it a file system without lock support (as NFS without lockd): it asks
 //! the kernel for POSIX lock requests and answers every one with ENOLCK. The image-lock specs use
 //! it to check `locking: 'auto'`'s fallback and `'on'`'s refusal on a real file system.
+//! `--no-locking` takes no image locks (the bench's servers share one image, as blockfuse's
+//! `--locking off` and QEMU's `locking=off` there).
 //!
 //! Usage: `bench-fuser [--threads N] [--no-clone-fd] [--cache none|writeback] [--read-only]
-//! [--refuse-locks] <image|null:SIZE> <mountpoint-file>`. Prints one `ready: ...` line once mounted; SIGINT or
+//! [--refuse-locks] [--no-locking] <image|null:SIZE> <mountpoint-file>`. Prints one `ready: ...` line once mounted; SIGINT or
 //! SIGTERM unmounts and exits 0.
 
 use std::cell::RefCell;
@@ -19,7 +21,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use blockfuse_core::backend::{
-    Backend, BlockBackend, CacheMode, NullBackend, RawBackend, RawOptions,
+    Backend, BlockBackend, CacheMode, LockMode, NullBackend, RawBackend, RawOptions,
 };
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, InitFlags,
@@ -293,10 +295,12 @@ struct Args {
     cache: CacheMode,
     writable: bool,
     refuse_locks: bool,
+    locking: LockMode,
 }
 
 const USAGE: &str = "usage: bench-fuser [--threads N] [--no-clone-fd] [--cache none|writeback] \
-                     [--read-only] [--refuse-locks] <image|null:SIZE> <mountpoint-file>";
+                     [--read-only] [--refuse-locks] [--no-locking] <image|null:SIZE> \
+                     <mountpoint-file>";
 
 fn parse_args() -> Result<Args, String> {
     let mut threads = 1;
@@ -304,6 +308,7 @@ fn parse_args() -> Result<Args, String> {
     let mut cache = CacheMode::Writeback;
     let mut writable = true;
     let mut refuse_locks = false;
+    let mut locking = LockMode::Auto;
     let mut positional = Vec::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -325,6 +330,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--read-only" => writable = false,
             "--refuse-locks" => refuse_locks = true,
+            "--no-locking" => locking = LockMode::Off,
             "-h" | "--help" => return Err(String::new()),
             s if s.starts_with('-') => return Err(format!("unknown option {s}")),
             _ => positional.push(a),
@@ -340,6 +346,7 @@ fn parse_args() -> Result<Args, String> {
         cache,
         writable,
         refuse_locks,
+        locking,
     })
 }
 
@@ -359,7 +366,12 @@ fn open_backend(args: &Args) -> Result<Backend, String> {
         let len = parse_size(size).ok_or_else(|| format!("bad null size {size:?}"))?;
         return Ok(Backend::Null(NullBackend::new(len)));
     }
-    let opts = RawOptions { writable: args.writable, cache: args.cache, ..Default::default() };
+    let opts = RawOptions {
+        writable: args.writable,
+        cache: args.cache,
+        locking: args.locking,
+        ..Default::default()
+    };
     RawBackend::open(args.source.as_ref(), opts)
         .map(Backend::Raw)
         .map_err(|e| format!("failed to open {}: {e}", args.source))
