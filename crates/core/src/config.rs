@@ -10,8 +10,8 @@ use crate::backend::nbd::{self, NbdOptions, OpenError, TlsFiles};
 use crate::backend::probe::{self, Probed};
 use crate::backend::{
     refusal_of, Backend, BlockBackend, CacheMode, FaultBackend, FaultSpec, LockMode, NbdBackend,
-    NullBackend, ProbedRaw, Qcow2Backend, Qcow2Options, RawBackend, RawOptions, VmdkBackend,
-    MAX_IMAGE_SIZE,
+    NbdStorage, NullBackend, ProbedRaw, Qcow2Backend, Qcow2Options, RawBackend, RawOptions,
+    VmdkBackend, MAX_IMAGE_SIZE,
 };
 use crate::error::{Error, Result};
 use crate::export::{Export, ExportOptions};
@@ -38,13 +38,24 @@ pub enum Source {
     Nbd(NbdSource),
 }
 
+/// The format of an NBD export's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NbdFormat {
+    /// The bytes as they are.
+    Raw,
+    /// A qcow2 image (a qcow2 file served raw), through imago over the NBD connection.
+    Qcow2,
+    /// Probed like a file: qcow2 by its magic, else raw (a raw image found by probing refuses
+    /// first-sector writes that would make it look like another format).
+    Auto,
+}
+
 /// An NBD source: the URI (`nbd://`, `nbd+unix://`, `nbds://`, `nbds+unix://`) and how to use it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdSource {
     pub uri: String,
-    /// `raw` serves the export's bytes; `auto` probes them like a file (a raw image found by
-    /// probing refuses first-sector writes that would make it look like another format).
-    pub probe: bool,
+    /// How the export's bytes are read: as they are, as a qcow2 image, or probed.
+    pub format: NbdFormat,
     pub tls: TlsFiles,
     pub connect_timeout: Duration,
     pub reconnect_delay: Duration,
@@ -256,8 +267,19 @@ fn open_nbd(src: &NbdSource, cfg: &ExportConfig) -> Result<Backend> {
         OpenError::Connect(ConnectError::Tls(m)) => Error::NbdTls(m),
         OpenError::Connect(ConnectError::Handshake(m)) => Error::NbdHandshake(m),
     })?;
-    if !src.probe {
-        return Ok(Backend::Nbd(backend));
+    let qcow2 = |backend| {
+        let opts = Qcow2Options { writable: cfg.writable, ..Default::default() };
+        Qcow2Backend::open_nbd(NbdStorage::new(backend, &src.uri), opts)
+            .map(Backend::Qcow2)
+            .map_err(|e| match refusal_of(&e) {
+                Some(r) => Error::Refused { code: r.code, message: r.message.clone() },
+                None => Error::SourceOpen { path: PathBuf::from(&src.uri), source: e },
+            })
+    };
+    match src.format {
+        NbdFormat::Raw => return Ok(Backend::Nbd(backend)),
+        NbdFormat::Qcow2 => return qcow2(backend),
+        NbdFormat::Auto => {}
     }
     let mut head = [0u8; probe::PROBE_SECTOR as usize];
     let n = (probe::PROBE_SECTOR.min(backend.len())) as usize;
@@ -269,11 +291,7 @@ fn open_nbd(src: &NbdSource, cfg: &ExportConfig) -> Result<Backend> {
     })?;
     match probe::probe_header(&head[..n]) {
         Probed::Raw => Ok(Backend::ProbedNbd(ProbedRaw::new(backend))),
-        Probed::Qcow2 => Err(Error::InvalidConfig(format!(
-            "{} holds a qcow2 image, which blockfuse cannot serve from NBD yet; use format raw to \
-             export its bytes as they are, or let the server open it (qemu-nbd -f qcow2)",
-            src.uri
-        ))),
+        Probed::Qcow2 => qcow2(backend),
         Probed::Other(name) => Err(Error::InvalidConfig(format!(
             "{} looks like {name}, which blockfuse cannot read; use format raw to export its \
              bytes as they are",

@@ -19,6 +19,7 @@
 pub mod conn;
 pub mod handshake;
 pub mod proto;
+mod storage;
 pub mod uri;
 
 use std::future::poll_fn;
@@ -34,6 +35,7 @@ use self::proto::{Answer, Command, Expect, ExportInfo};
 use super::{BlockBackend, Extent};
 
 pub use self::handshake::TlsFiles;
+pub use self::storage::NbdStorage;
 pub use self::uri::NbdUri;
 
 /// How to reach and use the server.

@@ -1,0 +1,280 @@
+/**
+ * Issue 18, `format` on top of NBD: a qcow2 file served raw (`nbdkit file`, `qemu-nbd -f raw`)
+ * exports as the disk inside it, through imago over the NBD connection. Images are made by
+ * qemu-img with data written by qemu-io; what the export serves is judged by qemu-img compare,
+ * check and qemu-io reads of the image file; SEEK_DATA/SEEK_HOLE against the qcow2 allocation;
+ * fio verify with 2 jobs; snapshot; the metadata overlap check (issue 21) over NBD; the limits
+ * (no room to grow: ENOSPC; a backing file the client cannot reach: NBD_BACKING_UNSUPPORTED).
+ */
+import { open, readFile, stat, truncate } from 'node:fs/promises'
+import { join } from 'node:path'
+
+import test, { type ExecutionContext } from 'ava'
+
+import { FuseExport, isBlockfuseError } from '../ts/index.js'
+import { be64, patch, peek, readBe64 } from './helpers/damage.js'
+import { CliProcess, assertCliBuilt } from './helpers/cli.js'
+import { assertE2eEnvironment } from './helpers/env.js'
+import { KiB, MiB, makeMountpoint, sha256, tempDir } from './helpers/files.js'
+import { fioVerifyArgs, parseFioReport } from './helpers/fio.js'
+import { freePort, nbdkit, qemuNbd, type Listen } from './helpers/nbd.js'
+import { assertClean, assertIdentical, createQcow2, qemuIo } from './helpers/qcow2.js'
+import { client, C_ENV, mustClient, openExport, seekProbes } from './helpers/semantics.js'
+import { run } from './helpers/run.js'
+
+test.before(() => {
+  assertCliBuilt()
+  assertE2eEnvironment(['nbdkit', 'qemu-nbd', 'qemu-img', 'qemu-io', 'fio', 'dd', 'python3', 'findmnt'])
+})
+
+const CLUSTER = 64 * KiB
+
+async function fixture(t: ExecutionContext) {
+  const dir = await tempDir(t)
+  const mountpoint = join(dir, 'mnt')
+  await makeMountpoint(mountpoint)
+  return { dir, mountpoint, path: (name: string) => join(dir, name) }
+}
+
+async function listenOn(kind: 'unix' | 'tcp', dir: string): Promise<Listen> {
+  return kind === 'unix' ? { kind, socket: join(dir, 'nbd.sock') } : { kind, port: await freePort() }
+}
+
+/**
+ * A qcow2 image of `size` with data at 1 MiB (0x11) and 5 MiB (0x22), 1 MiB each, written by
+ * qemu-io; with `room`, the file is extended by that many bytes, so the image can allocate new
+ * clusters inside the fixed size of an NBD export (qcow2 allocates where refcounts say a cluster
+ * is free, also below the file's end).
+ */
+async function dataQcow2(path: string, size: number, room = 0): Promise<void> {
+  await createQcow2(path, size)
+  await qemuIo(path, 'qcow2', 'write -P 0x11 1M 1M', 'write -P 0x22 5M 1M')
+  if (room > 0) {
+    await truncate(path, (await stat(path)).size + room)
+  }
+}
+
+for (const kind of ['unix', 'tcp'] as const) {
+  test(`nbdkit file serving a qcow2 over ${kind === 'unix' ? 'a Unix socket' : '127.0.0.1'}: format auto exports the disk inside, qemu-img compare says identical`, async (t) => {
+    const d = await fixture(t)
+    const image = d.path('img.qcow2')
+    await dataQcow2(image, 8 * MiB)
+    const server = await nbdkit(t, await listenOn(kind, d.dir), ['-r', 'file', image])
+    const exp = await openExport(t, { source: server.uri, mountpoint: d.mountpoint })
+    t.is(exp.format, 'qcow2')
+    t.is(exp.size, 8 * MiB, 'the virtual size, not the file size')
+    await assertIdentical(t, d.mountpoint, image)
+  })
+}
+
+test('writes through a writable qcow2-on-nbdkit export land in the image: qemu-img check clean, qemu-io reads them back', async (t) => {
+  const d = await fixture(t)
+  const image = d.path('img.qcow2')
+  await dataQcow2(image, 16 * MiB, 8 * MiB)
+  const server = await nbdkit(t, await listenOn('unix', d.dir), ['file', image])
+  const exp = await openExport(t, { source: server.uri, mountpoint: d.mountpoint, writable: true, format: 'qcow2' })
+  t.is(exp.format, 'qcow2')
+  // Into allocated clusters (1 MiB..) and into unallocated ones (new clusters, a new L2 entry),
+  // with a partial cluster at either end.
+  await mustClient('sh', [
+    '-c',
+    'printf "\\063%.0s" $(seq 1 196608) | dd of="$1" bs=64k seek=1572864 oflag=seek_bytes conv=notrunc,fsync status=none',
+    'sh',
+    d.mountpoint,
+  ])
+  await mustClient('sh', [
+    '-c',
+    'printf "\\104%.0s" $(seq 1 100000) | dd of="$1" bs=4k seek=10000000 oflag=seek_bytes conv=notrunc,fsync status=none',
+    'sh',
+    d.mountpoint,
+  ])
+  await exp.close()
+  await server.kill('SIGTERM')
+  await assertClean(t, image)
+  await qemuIo(
+    image,
+    'qcow2',
+    'read -P 0x11 1M 512k',
+    'read -P 0x33 1536k 192k',
+    'read -P 0x11 1728k 320k',
+    'read -P 0x22 5M 1M',
+    'read -P 0 9999360 640',
+    'read -P 0x44 10000000 100000',
+    'read -P 0 10100000 100000',
+  )
+})
+
+test('fio randwrite + verify, 2 jobs × iodepth 16, 2 threads, on a qcow2 served by nbdkit file: zero verify errors, check clean', async (t) => {
+  const d = await fixture(t)
+  const image = d.path('img.qcow2')
+  await dataQcow2(image, 64 * MiB, 40 * MiB)
+  const server = await nbdkit(t, await listenOn('tcp', d.dir), ['file', image])
+  await openExport(t, { source: server.uri, mountpoint: d.mountpoint, writable: true, threads: 2 })
+  const output = d.path('fio.json')
+  const r = await run(
+    'fio',
+    fioVerifyArgs({ filename: d.mountpoint, jobs: 2, size: 12 * MiB, offsetIncrement: 24 * MiB, output }),
+    { env: C_ENV },
+  )
+  t.is(r.code, 0, `fio failed: ${r.stderr}`)
+  const report = parseFioReport(await readFile(output, 'utf8'))
+  t.is(report.jobs.length, 2)
+  for (const job of report.jobs) t.is(job.error, 0, `fio job ${job.jobname} reports error ${job.error}`)
+  const fh = await open(d.mountpoint, 'r')
+  await fh.sync()
+  await fh.close()
+  await server.kill('SIGTERM')
+  await assertClean(t, image)
+})
+
+test('SEEK_DATA/SEEK_HOLE over NBD reflect the qcow2 allocation, not the served file', async (t) => {
+  const d = await fixture(t)
+  const image = d.path('img.qcow2')
+  await dataQcow2(image, 8 * MiB)
+  const server = await nbdkit(t, await listenOn('unix', d.dir), ['-r', 'file', image])
+  await openExport(t, { source: server.uri, mountpoint: d.mountpoint })
+  t.deepEqual(await seekProbes(d.mountpoint, [0, 1 * MiB, 3 * MiB, 5 * MiB + 4096, 7 * MiB]), [
+    { offset: 0, whence: 'DATA', result: 1 * MiB },
+    { offset: 0, whence: 'HOLE', result: 0 },
+    { offset: 1 * MiB, whence: 'DATA', result: 1 * MiB },
+    { offset: 1 * MiB, whence: 'HOLE', result: 2 * MiB },
+    { offset: 3 * MiB, whence: 'DATA', result: 5 * MiB },
+    { offset: 3 * MiB, whence: 'HOLE', result: 3 * MiB },
+    { offset: 5 * MiB + 4096, whence: 'DATA', result: 5 * MiB + 4096 },
+    { offset: 5 * MiB + 4096, whence: 'HOLE', result: 6 * MiB },
+    { offset: 7 * MiB, whence: 'DATA', result: 'ENXIO' },
+    { offset: 7 * MiB, whence: 'HOLE', result: 7 * MiB },
+  ])
+})
+
+test('qemu-nbd -f raw serving a qcow2 file: format auto exports the disk inside, format raw the file bytes', async (t) => {
+  const d = await fixture(t)
+  const image = d.path('img.qcow2')
+  await dataQcow2(image, 8 * MiB)
+  const server = await qemuNbd(t, await listenOn('tcp', d.dir), image, 'raw', 'disk', ['-r'])
+  const exp = await openExport(t, { source: server.uri, mountpoint: d.mountpoint })
+  t.is(exp.format, 'qcow2')
+  await assertIdentical(t, d.mountpoint, image)
+  await exp.close()
+  const raw = await openExport(t, { source: server.uri, mountpoint: d.mountpoint, format: 'raw' })
+  t.is(raw.format, 'raw')
+  t.true((await readFile(d.mountpoint)).equals(await readFile(image)), 'the served bytes are the qcow2 file')
+})
+
+test('snapshot on a qcow2 served read-only by nbdkit: writes read back, the image file is never changed', async (t) => {
+  const d = await fixture(t)
+  const image = d.path('img.qcow2')
+  await dataQcow2(image, 8 * MiB)
+  const before = await sha256(image)
+  const server = await nbdkit(t, await listenOn('unix', d.dir), ['-r', 'file', image])
+  const exp = await openExport(t, { source: server.uri, mountpoint: d.mountpoint, snapshot: true })
+  t.is(exp.format, 'qcow2')
+  const fh = await open(d.mountpoint, 'r+')
+  await fh.write(Buffer.alloc(96 * KiB, 0x5a), 0, 96 * KiB, 1 * MiB + 4 * KiB)
+  await fh.sync()
+  const back = Buffer.alloc(2 * MiB)
+  await fh.read(back, 0, back.length, 0)
+  await fh.close()
+  t.true(back.subarray(0, MiB).equals(Buffer.alloc(MiB)), 'unallocated clusters read zeros')
+  t.true(back.subarray(MiB, MiB + 4 * KiB).equals(Buffer.alloc(4 * KiB, 0x11)), 'the image data around the write')
+  t.true(back.subarray(MiB + 4 * KiB, MiB + 100 * KiB).equals(Buffer.alloc(96 * KiB, 0x5a)), 'the write reads back')
+  t.true(back.subarray(MiB + 100 * KiB).equals(Buffer.alloc(MiB - 100 * KiB, 0x11)), 'the rest is the image')
+  await exp.close()
+  t.is(await sha256(image), before, 'the image file is unchanged')
+})
+
+test('no room in the export: a write that needs a new cluster fails with ENOSPC, the export goes on, check finds no corruption', async (t) => {
+  const d = await fixture(t)
+  const image = d.path('img.qcow2')
+  await dataQcow2(image, 8 * MiB)
+  const server = await nbdkit(t, await listenOn('unix', d.dir), ['file', image])
+  await openExport(t, { source: server.uri, mountpoint: d.mountpoint, writable: true })
+  const fh = await open(d.mountpoint, 'r+')
+  t.teardown(() => fh.close().catch(() => undefined))
+  const err = await t.throwsAsync(async () => {
+    await fh.write(Buffer.alloc(4 * KiB, 0x77), 0, 4 * KiB, 3 * MiB)
+    await fh.sync()
+  })
+  t.is((err as NodeJS.ErrnoException | undefined)?.code, 'ENOSPC', String(err))
+  // Allocated clusters are still written in place, and read back.
+  await fh.write(Buffer.alloc(4 * KiB, 0x66), 0, 4 * KiB, 1 * MiB)
+  await fh.sync()
+  const back = Buffer.alloc(4 * KiB)
+  await fh.read(back, 0, back.length, 1 * MiB)
+  t.true(back.equals(Buffer.alloc(4 * KiB, 0x66)))
+  await fh.close()
+  await server.kill('SIGTERM')
+  const c = await mustClient('sh', ['-c', 'qemu-img check -U "$1"; echo "exit $?"', 'sh', image])
+  // Leaked clusters are allowed (the refused allocation); corruption is not.
+  t.regex(c.stdout, /exit (0|3)\n$/, c.stdout)
+  t.notRegex(c.stdout, /ERROR/, c.stdout)
+})
+
+test('a qcow2 on NBD whose backing file is a path on the server is refused with NBD_BACKING_UNSUPPORTED', async (t) => {
+  const d = await fixture(t)
+  await createQcow2(d.path('base.qcow2'), 4 * MiB)
+  const top = d.path('top.qcow2')
+  await createQcow2(top, undefined, { backing: 'base.qcow2' })
+  const server = await nbdkit(t, await listenOn('unix', d.dir), ['-r', 'file', top])
+  const err = await t.throwsAsync(FuseExport.create({ source: server.uri, mountpoint: d.mountpoint }))
+  t.true(isBlockfuseError(err, 'NBD_BACKING_UNSUPPORTED'), String(err))
+  t.regex(err?.message ?? '', /base\.qcow2/)
+  t.regex(err?.message ?? '', /qemu-nbd -f qcow2/)
+  const st = await mustClient('stat', ['-c', '%s', d.mountpoint])
+  t.is(st.stdout.trim(), '0', 'nothing was mounted')
+})
+
+test('format qcow2 on an NBD export that holds no qcow2 image fails with SOURCE_OPEN_FAILED', async (t) => {
+  const d = await fixture(t)
+  const server = await nbdkit(t, await listenOn('unix', d.dir), ['memory', '4M'])
+  const err = await t.throwsAsync(FuseExport.create({ source: server.uri, mountpoint: d.mountpoint, format: 'qcow2' }))
+  t.true(isBlockfuseError(err, 'SOURCE_OPEN_FAILED'), String(err))
+  t.regex(err?.message ?? '', /not a qcow2 image/)
+})
+
+test('metadata overlap check over NBD: a write through an L2 entry pointing at the L1 table fails with EIO, writes nothing, marks the image corrupt', async (t) => {
+  const d = await fixture(t)
+  const image = d.path('img.qcow2')
+  await createQcow2(image, 4 * MiB)
+  await qemuIo(image, 'qcow2', 'write -P 0x11 0 64k', 'write -P 0x22 64k 64k')
+  const l1 = await readBe64(image, 40)
+  const l2 = (await readBe64(image, l1)) & 0x00ff_ffff_ffff_fe00n
+  // L2 entry 0 (COPIED): guest cluster 0 now "lives" on the L1 table.
+  await patch(image, l2, be64((1n << 63n) | l1))
+  const before = await peek(image, l1, CLUSTER)
+  const server = await nbdkit(t, await listenOn('unix', d.dir), ['file', image])
+  await openExport(t, { source: server.uri, mountpoint: d.mountpoint, writable: true })
+  const fh = await open(d.mountpoint, 'r+')
+  t.teardown(() => fh.close().catch(() => undefined))
+  const err = await t.throwsAsync(async () => {
+    await fh.write(Buffer.alloc(CLUSTER, 0xee), 0, CLUSTER, 0)
+    await fh.sync()
+  })
+  t.is((err as NodeJS.ErrnoException | undefined)?.code, 'EIO', String(err))
+  const second = Buffer.alloc(CLUSTER)
+  await fh.read(second, 0, CLUSTER, CLUSTER)
+  t.true(second.equals(Buffer.alloc(CLUSTER, 0x22)), 'reads go on')
+  await fh.close()
+  t.true((await peek(image, l1, CLUSTER)).equals(before), 'the L1 table is untouched')
+  const info = await mustClient('qemu-img', ['info', '-U', '--output=json', image])
+  const corrupt = (JSON.parse(info.stdout) as { 'format-specific'?: { data?: { corrupt?: boolean } } })[
+    'format-specific'
+  ]?.data?.corrupt
+  t.is(corrupt, true, 'the corrupt bit is set, through NBD')
+})
+
+test('the CLI: --format qcow2 on an NBD URI serves the disk inside, the ready line names qcow2', async (t) => {
+  const d = await fixture(t)
+  const image = d.path('img.qcow2')
+  await dataQcow2(image, 8 * MiB)
+  const server = await nbdkit(t, await listenOn('unix', d.dir), ['-r', 'file', image])
+  const cli = new CliProcess(['export', '--format', 'qcow2', server.uri, d.mountpoint])
+  t.teardown(async () => {
+    if (cli.child.exitCode === null && cli.child.signalCode === null) await cli.stop('SIGTERM').catch(() => undefined)
+  })
+  const ready = await cli.waitForLine(/^ready/)
+  t.regex(ready, /\(qcow2, 8388608 bytes, read-only,/)
+  await assertIdentical(t, d.mountpoint, image)
+  const { code } = await cli.stop('SIGINT')
+  t.is(code, 0, cli.stderr)
+})
