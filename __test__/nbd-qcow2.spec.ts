@@ -19,7 +19,7 @@ import { KiB, MiB, makeMountpoint, sha256, tempDir } from './helpers/files.js'
 import { fioVerifyArgs, parseFioReport } from './helpers/fio.js'
 import { freePort, nbdkit, qemuNbd, type Listen } from './helpers/nbd.js'
 import { assertClean, assertIdentical, createQcow2, qemuIo } from './helpers/qcow2.js'
-import { client, C_ENV, mustClient, openExport, seekProbes } from './helpers/semantics.js'
+import { C_ENV, mustClient, openExport, seekProbes } from './helpers/semantics.js'
 import { run } from './helpers/run.js'
 
 test.before(() => {
@@ -277,4 +277,73 @@ test('the CLI: --format qcow2 on an NBD URI serves the disk inside, the ready li
   await assertIdentical(t, d.mountpoint, image)
   const { code } = await cli.stop('SIGINT')
   t.is(code, 0, cli.stderr)
+})
+
+test('overlay over an NBD export: writes land in the local qcow2 overlay, which names the URI as its backing file; the server image is unchanged; a second export reuses it', async (t) => {
+  const d = await fixture(t)
+  const image = d.path('img.qcow2')
+  await dataQcow2(image, 8 * MiB)
+  const before = await sha256(image)
+  const server = await nbdkit(t, await listenOn('unix', d.dir), ['-r', 'file', image])
+  const overlay = d.path('changes.qcow2')
+  const exp = await openExport(t, { source: server.uri, mountpoint: d.mountpoint, overlay })
+  t.is(exp.format, 'qcow2')
+  t.is(exp.size, 8 * MiB)
+  const fh = await open(d.mountpoint, 'r+')
+  await fh.write(Buffer.alloc(64 * KiB, 0x5b), 0, 64 * KiB, 5 * MiB + 32 * KiB)
+  await fh.sync()
+  await fh.close()
+  await exp.close()
+  t.is(await sha256(image), before, 'the image behind the server is unchanged')
+  const info = JSON.parse((await mustClient('qemu-img', ['info', '--output=json', overlay])).stdout) as {
+    'backing-filename'?: string
+    'backing-filename-format'?: string
+  }
+  t.is(info['backing-filename'], server.uri)
+  t.is(info['backing-filename-format'], 'qcow2')
+  await assertClean(t, overlay)
+  // QEMU reads the overlay through the same server: the image's data with the write over it.
+  await qemuIo(
+    overlay,
+    'qcow2',
+    'read -P 0x11 1M 1M',
+    'read -P 0x22 5M 32k',
+    'read -P 0x5b 5152k 64k',
+    'read -P 0x22 5216k 928k',
+  )
+  const again = await openExport(t, { source: server.uri, mountpoint: d.mountpoint, overlay })
+  const back = Buffer.alloc(64 * KiB)
+  const rh = await open(d.mountpoint, 'r')
+  await rh.read(back, 0, back.length, 5 * MiB + 32 * KiB)
+  await rh.close()
+  t.true(back.equals(Buffer.alloc(64 * KiB, 0x5b)), 'the reused overlay keeps the write')
+  await again.close()
+})
+
+test('overlay over a raw NBD export (nbdkit memory): created with backing format raw, writes read back, a different URI is OVERLAY_INVALID', async (t) => {
+  const d = await fixture(t)
+  const server = await nbdkit(t, await listenOn('unix', d.dir), ['-r', 'memory', '4M'])
+  const overlay = d.path('ov.qcow2')
+  const exp = await openExport(t, { source: server.uri, mountpoint: d.mountpoint, overlay, format: 'raw' })
+  t.is(exp.size, 4 * MiB)
+  const fh = await open(d.mountpoint, 'r+')
+  await fh.write(Buffer.alloc(4 * KiB, 0x3c), 0, 4 * KiB, 12 * KiB)
+  await fh.sync()
+  const back = Buffer.alloc(32 * KiB)
+  await fh.read(back, 0, back.length, 0)
+  await fh.close()
+  const expected = Buffer.alloc(32 * KiB)
+  expected.fill(0x3c, 12 * KiB, 16 * KiB)
+  t.true(back.equals(expected))
+  await exp.close()
+  const info = JSON.parse((await mustClient('qemu-img', ['info', '-U', '--output=json', overlay])).stdout) as {
+    'backing-filename-format'?: string
+  }
+  t.is(info['backing-filename-format'], 'raw')
+  const other = await nbdkit(t, { kind: 'unix', socket: d.path('other.sock') }, ['-r', 'memory', '4M'])
+  const err = await t.throwsAsync(
+    FuseExport.create({ source: other.uri, mountpoint: d.mountpoint, overlay, format: 'raw' }),
+  )
+  t.true(isBlockfuseError(err, 'OVERLAY_INVALID'), String(err))
+  t.regex(err?.message ?? '', /not the source/)
 })

@@ -26,7 +26,7 @@ use imago::{FormatAccess, FormatDriverBuilder, Mapping, StorageExt, StorageOpenO
 use tokio::sync::RwLock;
 
 use super::lock::{ImageLock, LockError, LockMode, Perms};
-use super::nbd::NbdStorage;
+use super::nbd::{uri::is_nbd_uri, NbdBackend, NbdSettings, NbdStorage};
 use super::qcow2_overlap::{Layout, MetadataMap, ReadAt};
 use super::qcow2_storage::{
     read_up_to, ChainStorage, ImageFile, Medium, TableWatch, TopBytes, INCOMPAT_CORRUPT,
@@ -34,7 +34,7 @@ use super::qcow2_storage::{
 };
 use super::{BlockBackend, CacheMode, Extent, Refusal, MAX_IMAGE_SIZE};
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Qcow2Options {
     pub writable: bool,
     /// `None` opens every file of the chain with O_DIRECT.
@@ -43,6 +43,9 @@ pub struct Qcow2Options {
     pub locking: LockMode,
     /// Read-only: let others write and resize the files meanwhile (`qemu-img -U`).
     pub force_share: bool,
+    /// How to connect to a backing file named by an NBD URI (a qcow2 overlay over an NBD
+    /// source).
+    pub nbd: NbdSettings,
 }
 
 /// Longest backing chain we follow; deeper chains are refused at open.
@@ -217,7 +220,7 @@ impl Qcow2Backend {
                 name,
                 locks: Vec::new(),
             };
-            Self::open_top(top, None, opts).await
+            Self::open_top(top, None, &opts).await
         })
     }
 
@@ -245,7 +248,7 @@ impl Qcow2Backend {
             chain_id: std::fs::canonicalize(&path)?,
             locks: vec![top_lock],
         };
-        let mut backend = Self::open_top(top, Some(storage_opts), opts).await?;
+        let mut backend = Self::open_top(top, Some(storage_opts), &opts).await?;
         backend.top_file = Some(top_file);
         Ok(backend)
     }
@@ -254,7 +257,7 @@ impl Qcow2Backend {
     async fn open_top(
         top: Top,
         storage_opts: Option<StorageOpenOptions>,
-        opts: Qcow2Options,
+        opts: &Qcow2Options,
     ) -> io::Result<Self> {
         let Top { storage: mut top_storage, bytes, name, chain_id, locks } = top;
         let header = HeaderInfo::read_top(&bytes, &name).await?;
@@ -317,6 +320,7 @@ impl Qcow2Backend {
         let gate = ChainGate {
             chain: vec![chain_id],
             nbd_in_chain,
+            nbd: opts.nbd.clone(),
             locking: opts.locking,
             force_share: opts.force_share,
             locks: Arc::new(Mutex::new(locks)),
@@ -731,14 +735,18 @@ impl BlockBackend for Qcow2Backend {
 /// Opens what the image header references (backing files, a data file), refusing loops and
 /// over-long chains. Backing files come here read-only (imago asks for them so).
 ///
-/// An image on an NBD server names its backing file as a path on the server's machine (or
-/// relative to its directory there), which blockfuse cannot reach: such a chain is refused with
-/// `NBD_BACKING_UNSUPPORTED` (let the server open the chain: `qemu-nbd -f qcow2`).
+/// A backing file named by an NBD URI (`nbd://...`, `nbd+unix://...`; what an overlay over an
+/// NBD source records) is opened over NBD, read-only, with the export's NBD settings. An image on
+/// an NBD server that names a path instead (on the server's machine, or relative to its
+/// directory there) cannot be reached: such a chain is refused with `NBD_BACKING_UNSUPPORTED`
+/// (let the server open the chain: `qemu-nbd -f qcow2`).
 #[derive(Clone)]
 struct ChainGate {
+    /// Canonical paths (files) and URIs (NBD) of the images opened so far.
     chain: Vec<PathBuf>,
     /// The chain so far has an image on an NBD server.
     nbd_in_chain: bool,
+    nbd: NbdSettings,
     locking: LockMode,
     force_share: bool,
     /// The locks taken so far, shared by the gate's clones.
@@ -750,6 +758,35 @@ struct ChainGate {
 }
 
 impl ChainGate {
+    /// A backing file on an NBD server, named by its URI.
+    async fn open_nbd(&mut self, uri: &str, writable: bool) -> io::Result<ChainStorage> {
+        let id = PathBuf::from(uri);
+        if self.chain.contains(&id) {
+            return Err(invalid(&format!("backing chain loop: {uri} is already in the chain")));
+        }
+        if self.chain.len() >= MAX_CHAIN {
+            return Err(invalid(&format!("backing chain longer than {MAX_CHAIN} images")));
+        }
+        if writable {
+            // imago opens backing files read-only; only an external data file comes writable.
+            return Err(invalid(&format!("{uri}: a writable data file on NBD is not supported")));
+        }
+        let parsed = super::nbd::uri::parse(uri).map_err(|e| {
+            self.refuse(Refusal::error("NBD_URI_INVALID", format!("backing file {uri}: {e}")))
+        })?;
+        let settings = self.nbd.read_only(parsed);
+        // Connecting blocks (with its own timeouts); this is the opening thread.
+        let backend = NbdBackend::open(&settings).map_err(|e| {
+            let (code, message) = e.code_and_message();
+            self.refuse(Refusal::error(code, format!("backing file {uri}: {message}")))
+        })?;
+        self.chain.push(id);
+        self.nbd_in_chain = true;
+        let mut storage = ChainStorage::new(Medium::Nbd(NbdStorage::new(backend, uri)), false);
+        storage.hide_dirty_and_corrupt(&self.window, writable).await;
+        Ok(storage)
+    }
+
     /// Keeps `e` to return in place of imago's rewording of it, and returns it.
     fn refuse(&self, e: io::Error) -> io::Error {
         if let Some(r) = super::refusal_of(&e) {
@@ -771,6 +808,9 @@ impl ImplicitOpenGate<ChainStorage> for ChainGate {
 
     async fn open_storage(&mut self, opts: StorageOpenOptions) -> io::Result<ChainStorage> {
         let name = opts.get_filename().ok_or_else(|| io::Error::other("no file name"))?;
+        if let Some(uri) = name.to_str().filter(|n| is_nbd_uri(n)) {
+            return self.open_nbd(uri, opts.get_writable()).await;
+        }
         if self.nbd_in_chain {
             let top = self.chain.first().map(|p| p.display().to_string()).unwrap_or_default();
             return Err(self.refuse(Refusal::error(

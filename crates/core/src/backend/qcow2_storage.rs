@@ -420,9 +420,10 @@ impl ImageFile {
     }
 
     pub fn resolve_relative_path<P: AsRef<Path>>(&self, relative: P) -> io::Result<PathBuf> {
-        // As QEMU: a relative backing file name is relative to the image's directory.
+        // As QEMU: a relative backing file name is relative to the image's directory. An NBD
+        // URI names a server, not a file.
         let relative = relative.as_ref();
-        if relative.is_absolute() {
+        if relative.is_absolute() || relative.to_str().is_some_and(super::nbd::uri::is_nbd_uri) {
             return Ok(relative.to_path_buf());
         }
         let dir = self.path.parent().ok_or_else(|| io::Error::other("image path has no parent"))?;
