@@ -6,7 +6,7 @@
  * fio verify with 2 jobs; snapshot; the metadata overlap check (issue 21) over NBD; the limits
  * (no room to grow: ENOSPC; a backing file the client cannot reach: NBD_BACKING_UNSUPPORTED).
  */
-import { open, readFile, stat, truncate } from 'node:fs/promises'
+import { open, readFile, rm, stat, truncate } from 'node:fs/promises'
 import { join } from 'node:path'
 
 import test, { type ExecutionContext } from 'ava'
@@ -19,12 +19,12 @@ import { KiB, MiB, makeMountpoint, sha256, tempDir } from './helpers/files.js'
 import { fioVerifyArgs, parseFioReport } from './helpers/fio.js'
 import { freePort, nbdkit, qemuNbd, type Listen } from './helpers/nbd.js'
 import { assertClean, assertIdentical, createQcow2, qemuIo } from './helpers/qcow2.js'
-import { C_ENV, mustClient, openExport, seekProbes } from './helpers/semantics.js'
+import { client, C_ENV, mustClient, openExport, seekProbes } from './helpers/semantics.js'
 import { run } from './helpers/run.js'
 
 test.before(() => {
   assertCliBuilt()
-  assertE2eEnvironment(['nbdkit', 'qemu-nbd', 'qemu-img', 'qemu-io', 'fio', 'dd', 'python3', 'findmnt'])
+  assertE2eEnvironment(['nbdkit', 'qemu-nbd', 'qemu-img', 'qemu-io', 'fio', 'dd', 'python3', 'findmnt', 'ss'])
 })
 
 const CLUSTER = 64 * KiB
@@ -38,6 +38,13 @@ async function fixture(t: ExecutionContext) {
 
 async function listenOn(kind: 'unix' | 'tcp', dir: string): Promise<Listen> {
   return kind === 'unix' ? { kind, socket: join(dir, 'nbd.sock') } : { kind, port: await freePort() }
+}
+
+/** Established TCP connections to the server's port (`ss`). */
+async function serverConnections(port: number): Promise<number> {
+  const r = await run('ss', ['-Htn', 'state', 'established', `sport = :${port}`])
+  if (r.code !== 0) throw new Error(`ss failed: ${r.stderr}`)
+  return r.stdout.split('\n').filter((l) => l.trim() !== '').length
 }
 
 /**
@@ -108,8 +115,11 @@ test('fio randwrite + verify, 2 jobs × iodepth 16, 2 threads, on a qcow2 served
   const d = await fixture(t)
   const image = d.path('img.qcow2')
   await dataQcow2(image, 64 * MiB, 40 * MiB)
-  const server = await nbdkit(t, await listenOn('tcp', d.dir), ['file', image])
+  const listen = await listenOn('tcp', d.dir)
+  const server = await nbdkit(t, listen, ['file', image])
   await openExport(t, { source: server.uri, mountpoint: d.mountpoint, writable: true, threads: 2 })
+  // nbdkit file advertises CAN_MULTI_CONN: one connection per queue, imago's I/O on both.
+  t.is(await serverConnections(listen.port!), 2, 'connections after create')
   const output = d.path('fio.json')
   const r = await run(
     'fio',
@@ -120,6 +130,7 @@ test('fio randwrite + verify, 2 jobs × iodepth 16, 2 threads, on a qcow2 served
   const report = parseFioReport(await readFile(output, 'utf8'))
   t.is(report.jobs.length, 2)
   for (const job of report.jobs) t.is(job.error, 0, `fio job ${job.jobname} reports error ${job.error}`)
+  t.is(await serverConnections(listen.port!), 2, 'the same connections after fio')
   const fh = await open(d.mountpoint, 'r')
   await fh.sync()
   await fh.close()
@@ -347,3 +358,87 @@ test('overlay over a raw NBD export (nbdkit memory): created with backing format
   t.true(isBlockfuseError(err, 'OVERLAY_INVALID'), String(err))
   t.regex(err?.message ?? '', /not the source/)
 })
+
+test('block-size limits: a server that refuses requests below 4 KiB or above 64 KiB (nbdkit blocksize-policy, error policy) serves the qcow2 disk and takes its writes', async (t) => {
+  const d = await fixture(t)
+  const image = d.path('img.qcow2')
+  await dataQcow2(image, 16 * MiB, 8 * MiB)
+  const server = await nbdkit(t, await listenOn('unix', d.dir), [
+    '--filter=blocksize-policy',
+    'file',
+    image,
+    'blocksize-minimum=4096',
+    'blocksize-preferred=65536',
+    'blocksize-maximum=65536',
+    'blocksize-error-policy=error',
+  ])
+  const exp = await openExport(t, { source: server.uri, mountpoint: d.mountpoint, writable: true })
+  t.is(exp.format, 'qcow2')
+  await assertIdentical(t, d.mountpoint, image, 'qcow2', 'before writing')
+  // A 1 MiB write (split at 64 KiB), a small one inside a cluster, one into new clusters.
+  await mustClient('sh', [
+    '-c',
+    'printf "\\125%.0s" $(seq 1 1048576) | dd of="$1" bs=1M seek=3 iflag=fullblock oflag=direct conv=notrunc,fsync status=none && printf "\\126%.0s" $(seq 1 700) | dd of="$1" bs=700 seek=1049000 oflag=seek_bytes conv=notrunc,fsync status=none && printf "\\127%.0s" $(seq 1 5000) | dd of="$1" bs=5000 seek=12582913 oflag=seek_bytes conv=notrunc,fsync status=none',
+    'sh',
+    d.mountpoint,
+  ])
+  await exp.close()
+  await server.kill('SIGTERM')
+  await assertClean(t, image)
+  await qemuIo(
+    image,
+    'qcow2',
+    'read -P 0x11 1M 424',
+    'read -P 0x56 1049000 700',
+    'read -P 0x11 1049700 1047452',
+    'read -P 0x55 3M 1M',
+    'read -P 0x57 12582913 5000',
+  )
+})
+
+test.serial(
+  'an outage of the server: reads of the qcow2 disk fail with EIO past reconnectDelay, and the export serves the same disk once the server is back',
+  async (t) => {
+    const d = await fixture(t)
+    const image = d.path('img.qcow2')
+    await dataQcow2(image, 8 * MiB)
+    const listen: Listen = { kind: 'unix', socket: d.path('nbd.sock') }
+    const start = async () => {
+      await rm(listen.socket!, { force: true })
+      return nbdkit(t, listen, ['-r', 'file', image])
+    }
+    const first = await start()
+    await openExport(t, { source: first.uri, mountpoint: d.mountpoint, nbd: { reconnectDelay: 1 } })
+    await first.kill()
+    const failed = await client('dd', [
+      `if=${d.mountpoint}`,
+      'of=/dev/null',
+      'bs=64k',
+      'count=1',
+      'skip=80',
+      'iflag=direct',
+      'status=none',
+    ])
+    t.not(failed.code, 0)
+    t.regex(failed.stderr, /Input\/output error/)
+    await start()
+    let ok = false
+    for (let i = 0; i < 50 && !ok; i++) {
+      ok =
+        (
+          await client('dd', [
+            `if=${d.mountpoint}`,
+            'of=/dev/null',
+            'bs=64k',
+            'count=1',
+            'skip=80',
+            'iflag=direct',
+            'status=none',
+          ])
+        ).code === 0
+      if (!ok) await new Promise((r) => setTimeout(r, 200))
+    }
+    t.true(ok, 'reads succeed again after the server returned')
+    await assertIdentical(t, d.mountpoint, image, 'qcow2', 'after the outage')
+  },
+)

@@ -287,14 +287,16 @@ impl NbdSource {
             NbdFormat::Qcow2 => return Ok(Probed::Qcow2),
             NbdFormat::Auto => {}
         }
-        let mut head = [0u8; probe::PROBE_SECTOR as usize];
-        let n = (probe::PROBE_SECTOR.min(backend.len())) as usize;
+        // At least one block of the server's minimum size (a server may refuse less).
+        let block = u64::from(backend.alignment().max(1)).max(probe::PROBE_SECTOR);
+        let mut head = vec![0u8; block.min(backend.len()) as usize];
         let read = tokio::runtime::Builder::new_current_thread()
             .build()
-            .and_then(|rt| rt.block_on(backend.read_at(&mut head[..n], 0)));
+            .and_then(|rt| rt.block_on(backend.read_at(&mut head, 0)));
         read.map_err(|e| {
             Error::NbdHandshake(format!("cannot read the first sector of {}: {e}", self.uri))
         })?;
+        let n = head.len().min(probe::PROBE_SECTOR as usize);
         Ok(probe::probe_header(&head[..n]))
     }
 

@@ -57,18 +57,47 @@ impl NbdStorage {
         }
     }
 
-    /// Reads `buf` at `offset`; the range must lie inside the export.
+    /// The block-aligned range `[start, end)` covering `[offset, offset + len)`, clipped to the
+    /// export's end.
+    fn covering(&self, offset: u64, len: u64) -> (u64, u64) {
+        let min = u64::from(self.backend.alignment().max(1));
+        let start = offset / min * min;
+        let end = (offset + len).next_multiple_of(min).min(self.backend.len());
+        (start, end)
+    }
+
+    /// Reads `buf` at `offset` (any alignment: padded to the server's minimum block size); the
+    /// range must lie inside the export. For the backend's own header and metadata reads.
     pub async fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.inside(offset, buf.len() as u64).map_err(|_| {
             io::Error::new(io::ErrorKind::UnexpectedEof, format!("{}: read past the end", self.uri))
         })?;
-        self.backend.read_at(buf, offset).await
+        let (start, end) = self.covering(offset, buf.len() as u64);
+        if start == offset && end == offset + buf.len() as u64 {
+            return self.backend.read_at(buf, offset).await;
+        }
+        let mut block = vec![0u8; (end - start) as usize];
+        self.backend.read_at(&mut block, start).await?;
+        let at = (offset - start) as usize;
+        buf.copy_from_slice(&block[at..at + buf.len()]);
+        Ok(())
     }
 
-    /// Writes `buf` at `offset` and flushes it to the server's stable storage.
+    /// Writes `buf` at `offset` (read-modify-write of the covering blocks when it is not
+    /// aligned to the server's minimum block size) and flushes it to the server's stable
+    /// storage. Only for the corrupt bit, written once no other write may run.
     pub async fn write_durably(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.inside(offset, buf.len() as u64)?;
-        self.backend.write_at(buf, offset).await?;
+        let (start, end) = self.covering(offset, buf.len() as u64);
+        if start == offset && end == offset + buf.len() as u64 {
+            self.backend.write_at(buf, offset).await?;
+        } else {
+            let mut block = vec![0u8; (end - start) as usize];
+            self.backend.read_at(&mut block, start).await?;
+            let at = (offset - start) as usize;
+            block[at..at + buf.len()].copy_from_slice(buf);
+            self.backend.write_at(&block, start).await?;
+        }
         self.backend.flush().await
     }
 
