@@ -145,9 +145,10 @@ export interface FuseExportOptions {
   snapshot?: boolean
   /**
    * Writes go to the qcow2 image at this path, whose backing file is the source (created if
-   * missing, with the source's name relative to the overlay's directory and its format; reused
-   * if its backing file is the source, else `OVERLAY_INVALID`). QEMU and `qemu-img` read it
-   * (`qemu-img commit` merges it into the source). Implies `writable`. Needs an image file source.
+   * missing, with the source's name relative to the overlay's directory, or an NBD source's URI,
+   * and its format; reused if its backing file is the source, else `OVERLAY_INVALID`). QEMU and
+   * `qemu-img` read it (`qemu-img commit` merges it into the source). Implies `writable`. Needs an
+   * image file or NBD source.
    */
   overlay?: string
   /**
