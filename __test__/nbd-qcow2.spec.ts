@@ -24,7 +24,18 @@ import { run } from './helpers/run.js'
 
 test.before(() => {
   assertCliBuilt()
-  assertE2eEnvironment(['nbdkit', 'qemu-nbd', 'qemu-img', 'qemu-io', 'fio', 'dd', 'python3', 'findmnt', 'ss'])
+  assertE2eEnvironment([
+    'nbdkit',
+    'qemu-nbd',
+    'qemu-img',
+    'qemu-io',
+    'fio',
+    'dd',
+    'fallocate',
+    'python3',
+    'findmnt',
+    'ss',
+  ])
 })
 
 const CLUSTER = 64 * KiB
@@ -442,3 +453,42 @@ test.serial(
     await assertIdentical(t, d.mountpoint, image, 'qcow2', 'after the outage')
   },
 )
+
+test('FALLOCATE on a qcow2 over NBD: punch-hole and zero-range read zeros, the punched clusters become a hole, check stays clean', async (t) => {
+  const d = await fixture(t)
+  const image = d.path('img.qcow2')
+  await dataQcow2(image, 8 * MiB)
+  const server = await nbdkit(t, await listenOn('unix', d.dir), ['file', image])
+  await openExport(t, { source: server.uri, mountpoint: d.mountpoint, writable: true })
+  await mustClient('fallocate', ['-p', '-o', String(1 * MiB), '-l', String(256 * KiB), d.mountpoint])
+  await mustClient('fallocate', ['-z', '-o', String(5 * MiB + 4 * KiB), '-l', String(8 * KiB), d.mountpoint])
+  const back = await readFile(d.mountpoint)
+  t.true(back.subarray(1 * MiB, 1 * MiB + 256 * KiB).equals(Buffer.alloc(256 * KiB)), 'the punched range reads zeros')
+  t.true(
+    back.subarray(1 * MiB + 256 * KiB, 2 * MiB).equals(Buffer.alloc(768 * KiB, 0x11)),
+    'the rest of the data stays',
+  )
+  t.true(back.subarray(5 * MiB, 5 * MiB + 4 * KiB).equals(Buffer.alloc(4 * KiB, 0x22)))
+  t.true(
+    back.subarray(5 * MiB + 4 * KiB, 5 * MiB + 12 * KiB).equals(Buffer.alloc(8 * KiB)),
+    'the zeroed range reads zeros',
+  )
+  t.true(back.subarray(5 * MiB + 12 * KiB, 6 * MiB).equals(Buffer.alloc(MiB - 12 * KiB, 0x22)))
+  t.deepEqual(await seekProbes(d.mountpoint, [1 * MiB]), [
+    { offset: 1 * MiB, whence: 'DATA', result: 1 * MiB + 256 * KiB },
+    { offset: 1 * MiB, whence: 'HOLE', result: 1 * MiB },
+  ])
+  const fh = await open(d.mountpoint, 'r')
+  await fh.sync()
+  await fh.close()
+  await server.kill('SIGTERM')
+  await assertClean(t, image)
+  await qemuIo(
+    image,
+    'qcow2',
+    'read -P 0 1M 256k',
+    'read -P 0x11 1280k 768k',
+    'read -P 0 5124k 8k',
+    'read -P 0x22 5132k 1012k',
+  )
+})
