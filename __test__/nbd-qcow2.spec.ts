@@ -205,7 +205,7 @@ test('snapshot on a qcow2 served read-only by nbdkit: writes read back, the imag
   t.is(await sha256(image), before, 'the image file is unchanged')
 })
 
-test('no room in the export: a write that needs a new cluster fails with ENOSPC, the export goes on, check finds no corruption', async (t) => {
+test('no room in the export: a write that needs a new cluster fails with ENOSPC, the export goes on, qemu-img check stays clean', async (t) => {
   const d = await fixture(t)
   const image = d.path('img.qcow2')
   await dataQcow2(image, 8 * MiB)
@@ -226,10 +226,8 @@ test('no room in the export: a write that needs a new cluster fails with ENOSPC,
   t.true(back.equals(Buffer.alloc(4 * KiB, 0x66)))
   await fh.close()
   await server.kill('SIGTERM')
-  const c = await mustClient('sh', ['-c', 'qemu-img check -U "$1"; echo "exit $?"', 'sh', image])
-  // Leaked clusters are allowed (the refused allocation); corruption is not.
-  t.regex(c.stdout, /exit (0|3)\n$/, c.stdout)
-  t.notRegex(c.stdout, /ERROR/, c.stdout)
+  // The clusters reserved for the refused write were given back: no leak, no corruption.
+  await assertClean(t, image)
 })
 
 test('a qcow2 on NBD whose backing file is a path on the server is refused with NBD_BACKING_UNSUPPORTED', async (t) => {
