@@ -3,8 +3,11 @@
  * exports as the disk inside it, through imago over the NBD connection. Images are made by
  * qemu-img with data written by qemu-io; what the export serves is judged by qemu-img compare,
  * check and qemu-io reads of the image file; SEEK_DATA/SEEK_HOLE against the qcow2 allocation;
- * fio verify with 2 jobs; snapshot; the metadata overlap check (issue 21) over NBD; the limits
- * (no room to grow: ENOSPC; a backing file the client cannot reach: NBD_BACKING_UNSUPPORTED).
+ * fio verify with 2 jobs and one connection per queue; FALLOCATE; snapshot and overlay (the
+ * overlay records the URI as its backing file); damaged images as for files (the dirty bit, the
+ * metadata overlap check of issue 21); the NBD client's properties underneath (block-size limits,
+ * an outage); the limits (no room to grow: ENOSPC; a backing file named by a path:
+ * NBD_BACKING_UNSUPPORTED).
  */
 import { open, readFile, rm, stat, truncate } from 'node:fs/promises'
 import { join } from 'node:path'
@@ -489,4 +492,35 @@ test('FALLOCATE on a qcow2 over NBD: punch-hole and zero-range read zeros, the p
     'read -P 0 5124k 8k',
     'read -P 0x22 5132k 1012k',
   )
+})
+
+test('a dirty qcow2 (crash with lazy_refcounts) on NBD exports read-only with its data; writable is refused with IMAGE_DIRTY', async (t) => {
+  const d = await fixture(t)
+  const image = d.path('dirty.qcow2')
+  await mustClient('qemu-img', [
+    'create',
+    '-q',
+    '-f',
+    'qcow2',
+    '-o',
+    'compat=1.1,lazy_refcounts=on',
+    image,
+    String(4 * MiB),
+  ])
+  // qemu-io kills itself after the write: no clean close, the dirty bit stays.
+  const r = await client('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x33 0 64k', '-c', 'sigraise 9', image])
+  t.is(r.signal, 'SIGKILL', r.stdout + r.stderr)
+  t.is((await peek(image, 72, 8)).readBigUInt64BE() & 1n, 1n, 'the dirty bit is set')
+  const server = await nbdkit(t, await listenOn('unix', d.dir), ['file', image])
+  const ro = await openExport(t, { source: server.uri, mountpoint: d.mountpoint })
+  t.is(ro.format, 'qcow2')
+  const fh = await open(d.mountpoint, 'r')
+  const back = Buffer.alloc(64 * KiB)
+  await fh.read(back, 0, back.length, 0)
+  await fh.close()
+  t.true(back.equals(Buffer.alloc(64 * KiB, 0x33)), 'the data reads back')
+  await ro.close()
+  const err = await t.throwsAsync(FuseExport.create({ source: server.uri, mountpoint: d.mountpoint, writable: true }))
+  t.true(isBlockfuseError(err, 'IMAGE_DIRTY'), String(err))
+  t.is((await peek(image, 72, 8)).readBigUInt64BE() & 1n, 1n, 'the image is unchanged by the refusal')
 })
