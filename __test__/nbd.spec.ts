@@ -275,15 +275,15 @@ test('create fails clearly: bad URI, unreachable server, unknown export, silent 
   t.is(st.stdout.trim(), '0')
 })
 
-test('format auto probes the export: a qcow2 image served raw is refused with a hint, format raw serves its bytes', async (t) => {
+test('format auto probes the export: a qcow2 image served raw exports the disk inside it, format raw serves its bytes', async (t) => {
   const d = await fixture(t)
   const image = d.path('img.qcow2')
   await mustClient('qemu-img', ['create', '-q', '-f', 'qcow2', image, String(8 * MiB)])
   const server = await nbdkit(t, await listenOn('unix', d.dir), ['-r', 'file', image])
-  await t.throwsAsync(FuseExport.create({ source: server.uri, mountpoint: d.mountpoint }), {
-    code: 'INVALID_CONFIG',
-    message: /qcow2/,
-  })
+  const probed = await openExport(t, { source: server.uri, mountpoint: d.mountpoint })
+  t.is(probed.format, 'qcow2')
+  t.is(probed.size, 8 * MiB)
+  await probed.close()
   await openExport(t, { source: server.uri, mountpoint: d.mountpoint, format: 'raw' })
   const head = (await readFile(d.mountpoint)).subarray(0, 4)
   t.deepEqual([...head], [0x51, 0x46, 0x49, 0xfb])

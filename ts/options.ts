@@ -114,7 +114,8 @@ export interface FuseExportOptions {
   mountpoint: string
   /**
    * Image format. Default: `'null'` when `source` is `{ null }`, else `'auto'`. An NBD source
-   * takes `'raw'` or `'auto'` (which probes the export's first sector like a file's).
+   * takes `'raw'`, `'qcow2'` (a qcow2 file served raw, read through the NBD connection) or
+   * `'auto'` (which probes the export's first sector like a file's).
    */
   format?: ExportFormat
   /** Allow writes through the export. Default: `false` (mounted read-only). */
@@ -144,9 +145,10 @@ export interface FuseExportOptions {
   snapshot?: boolean
   /**
    * Writes go to the qcow2 image at this path, whose backing file is the source (created if
-   * missing, with the source's name relative to the overlay's directory and its format; reused
-   * if its backing file is the source, else `OVERLAY_INVALID`). QEMU and `qemu-img` read it
-   * (`qemu-img commit` merges it into the source). Implies `writable`. Needs an image file source.
+   * missing, with the source's name relative to the overlay's directory, or an NBD source's URI,
+   * and its format; reused if its backing file is the source, else `OVERLAY_INVALID`). QEMU and
+   * `qemu-img` read it (`qemu-img commit` merges it into the source). Implies `writable`. Needs an
+   * image file or NBD source.
    */
   overlay?: string
   /**
@@ -415,8 +417,8 @@ export function normalizeOptions(input: unknown): ResolvedFuseExportOptions {
   if (format !== 'null' && isNull) {
     throw invalid(`option "format" is ${describe(format)} but "source" is a null backend; use a path`)
   }
-  if (nbdSource && format !== 'raw' && format !== 'auto') {
-    throw invalid(`option "format" is ${describe(format)} but an NBD source is served as "raw" or "auto"`)
+  if (nbdSource && format !== 'raw' && format !== 'qcow2' && format !== 'auto') {
+    throw invalid(`option "format" is ${describe(format)} but an NBD source is served as "raw", "qcow2" or "auto"`)
   }
   if (options.nbd !== undefined && !nbdSource) {
     throw invalid('option "nbd" is only for an NBD source (nbd://, nbds://, nbd+unix://, nbds+unix://)')

@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::backend::nbd::handshake::ConnectError;
-use crate::backend::nbd::{self, NbdOptions, OpenError, TlsFiles};
+use crate::backend::nbd::{self, NbdOptions, NbdSettings, OpenError, TlsFiles};
 use crate::backend::probe::{self, Probed};
 use crate::backend::{
     refusal_of, Backend, BlockBackend, CacheMode, FaultBackend, FaultSpec, LockMode, NbdBackend,
-    NullBackend, ProbedRaw, Qcow2Backend, Qcow2Options, RawBackend, RawOptions, VmdkBackend,
-    MAX_IMAGE_SIZE,
+    NbdStorage, NullBackend, ProbedRaw, Qcow2Backend, Qcow2Options, RawBackend, RawOptions,
+    VmdkBackend, MAX_IMAGE_SIZE,
 };
 use crate::error::{Error, Result};
 use crate::export::{Export, ExportOptions};
@@ -38,13 +38,24 @@ pub enum Source {
     Nbd(NbdSource),
 }
 
+/// The format of an NBD export's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NbdFormat {
+    /// The bytes as they are.
+    Raw,
+    /// A qcow2 image (a qcow2 file served raw), through imago over the NBD connection.
+    Qcow2,
+    /// Probed like a file: qcow2 by its magic, else raw (a raw image found by probing refuses
+    /// first-sector writes that would make it look like another format).
+    Auto,
+}
+
 /// An NBD source: the URI (`nbd://`, `nbd+unix://`, `nbds://`, `nbds+unix://`) and how to use it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdSource {
     pub uri: String,
-    /// `raw` serves the export's bytes; `auto` probes them like a file (a raw image found by
-    /// probing refuses first-sector writes that would make it look like another format).
-    pub probe: bool,
+    /// How the export's bytes are read: as they are, as a qcow2 image, or probed.
+    pub format: NbdFormat,
     pub tls: TlsFiles,
     pub connect_timeout: Duration,
     pub reconnect_delay: Duration,
@@ -147,8 +158,13 @@ fn open_export(cfg: &ExportConfig, faults: Option<FaultSpec>) -> Result<Export> 
     }
     let (locking, force_share) = (cfg.locking, cfg.force_share);
     let raw_opts = RawOptions { writable: cfg.writable, cache: cfg.cache, locking, force_share };
+    // An overlay over an NBD source names it by its URI as its backing file.
+    let nbd = match &export_cfg.source {
+        Source::Nbd(src) => src.settings(cfg.threads),
+        _ => NbdSettings { connections: cfg.threads, ..Default::default() },
+    };
     let qcow2_opts =
-        Qcow2Options { writable: cfg.writable, cache: cfg.cache, locking, force_share };
+        Qcow2Options { writable: cfg.writable, cache: cfg.cache, locking, force_share, nbd };
     let open_err = |path: &PathBuf| {
         let path = path.clone();
         move |source: std::io::Error| match refusal_of(&source) {
@@ -161,14 +177,14 @@ fn open_export(cfg: &ExportConfig, faults: Option<FaultSpec>) -> Result<Export> 
             Backend::Raw(RawBackend::open(path, raw_opts).map_err(open_err(path))?)
         }
         Source::Qcow2(path) => {
-            Backend::Qcow2(Qcow2Backend::open(path, qcow2_opts).map_err(open_err(path))?)
+            Backend::Qcow2(Qcow2Backend::open(path, qcow2_opts.clone()).map_err(open_err(path))?)
         }
         Source::Vmdk(path) => open_vmdk(path, cfg).map_err(open_err(path))?,
         Source::Auto(path) => match probe::probe_file(path).map_err(open_err(path))? {
             Probed::Other("vmdk") => open_vmdk(path, cfg).map_err(open_err(path))?,
-            Probed::Qcow2 => {
-                Backend::Qcow2(Qcow2Backend::open(path, qcow2_opts).map_err(open_err(path))?)
-            }
+            Probed::Qcow2 => Backend::Qcow2(
+                Qcow2Backend::open(path, qcow2_opts.clone()).map_err(open_err(path))?,
+            ),
             Probed::Raw => Backend::ProbedRaw(ProbedRaw::new(
                 RawBackend::open(path, raw_opts).map_err(open_err(path))?,
             )),
@@ -232,49 +248,93 @@ fn open_vmdk(path: &std::path::Path, cfg: &ExportConfig) -> std::io::Result<Back
     Ok(Backend::Vmdk(backend))
 }
 
+impl NbdSource {
+    /// The settings besides the URI, for `connections` connections at most.
+    pub fn settings(&self, connections: usize) -> NbdSettings {
+        NbdSettings {
+            tls: self.tls.clone(),
+            connect_timeout: self.connect_timeout,
+            reconnect_delay: self.reconnect_delay,
+            request_timeout: self.request_timeout,
+            connections,
+        }
+    }
+
+    /// Connects to the source's export.
+    pub(crate) fn connect(
+        &self,
+        writable: bool,
+        writethrough: bool,
+        connections: usize,
+    ) -> Result<NbdBackend> {
+        let uri =
+            nbd::uri::parse(&self.uri).map_err(|e| Error::NbdUri(format!("{}: {e}", self.uri)))?;
+        let opts =
+            NbdOptions { writable, writethrough, ..self.settings(connections).read_only(uri) };
+        NbdBackend::open(&opts).map_err(|e| match e {
+            OpenError::ReadOnly(m) => Error::NbdReadOnly(m),
+            OpenError::Connect(ConnectError::Unreachable(m)) => Error::NbdConnect(m),
+            OpenError::Connect(ConnectError::UnknownExport(m)) => Error::NbdExportNotFound(m),
+            OpenError::Connect(ConnectError::Tls(m)) => Error::NbdTls(m),
+            OpenError::Connect(ConnectError::Handshake(m)) => Error::NbdHandshake(m),
+        })
+    }
+
+    /// What the export holds: its format if given, else what its first sector says.
+    pub(crate) fn probe(&self, backend: &NbdBackend) -> Result<Probed> {
+        match self.format {
+            NbdFormat::Raw => return Ok(Probed::Raw),
+            NbdFormat::Qcow2 => return Ok(Probed::Qcow2),
+            NbdFormat::Auto => {}
+        }
+        // At least one block of the server's minimum size (a server may refuse less).
+        let block = u64::from(backend.alignment().max(1)).max(probe::PROBE_SECTOR);
+        let mut head = vec![0u8; block.min(backend.len()) as usize];
+        let read = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .and_then(|rt| rt.block_on(backend.read_at(&mut head, 0)));
+        read.map_err(|e| {
+            Error::NbdHandshake(format!("cannot read the first sector of {}: {e}", self.uri))
+        })?;
+        let n = head.len().min(probe::PROBE_SECTOR as usize);
+        Ok(probe::probe_header(&head[..n]))
+    }
+
+    /// Opens the qcow2 image the export holds.
+    pub(crate) fn open_qcow2(
+        &self,
+        backend: NbdBackend,
+        opts: Qcow2Options,
+    ) -> Result<Qcow2Backend> {
+        Qcow2Backend::open_nbd(NbdStorage::new(backend, &self.uri), opts).map_err(|e| {
+            match refusal_of(&e) {
+                Some(r) => Error::Refused { code: r.code, message: r.message.clone() },
+                None => Error::SourceOpen { path: PathBuf::from(&self.uri), source: e },
+            }
+        })
+    }
+}
+
 fn open_nbd(src: &NbdSource, cfg: &ExportConfig) -> Result<Backend> {
     if cfg.growable {
         return Err(Error::InvalidConfig(
             "an NBD export has a fixed size; it cannot be growable".into(),
         ));
     }
-    let uri = nbd::uri::parse(&src.uri).map_err(|e| Error::NbdUri(format!("{}: {e}", src.uri)))?;
-    let opts = NbdOptions {
-        uri,
-        tls: src.tls.clone(),
-        writable: cfg.writable,
-        writethrough: cfg.writethrough,
-        connect_timeout: src.connect_timeout,
-        reconnect_delay: src.reconnect_delay,
-        request_timeout: src.request_timeout,
-        connections: cfg.threads,
-    };
-    let backend = NbdBackend::open(&opts).map_err(|e| match e {
-        OpenError::ReadOnly(m) => Error::NbdReadOnly(m),
-        OpenError::Connect(ConnectError::Unreachable(m)) => Error::NbdConnect(m),
-        OpenError::Connect(ConnectError::UnknownExport(m)) => Error::NbdExportNotFound(m),
-        OpenError::Connect(ConnectError::Tls(m)) => Error::NbdTls(m),
-        OpenError::Connect(ConnectError::Handshake(m)) => Error::NbdHandshake(m),
-    })?;
-    if !src.probe {
-        return Ok(Backend::Nbd(backend));
-    }
-    let mut head = [0u8; probe::PROBE_SECTOR as usize];
-    let n = (probe::PROBE_SECTOR.min(backend.len())) as usize;
-    let read = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .and_then(|rt| rt.block_on(backend.read_at(&mut head[..n], 0)));
-    read.map_err(|e| {
-        Error::NbdHandshake(format!("cannot read the first sector of {}: {e}", src.uri))
-    })?;
-    match probe::probe_header(&head[..n]) {
-        Probed::Raw => Ok(Backend::ProbedNbd(ProbedRaw::new(backend))),
-        Probed::Qcow2 => Err(Error::InvalidConfig(format!(
-            "{} holds a qcow2 image, which blockfuse cannot serve from NBD yet; use format raw to \
-             export its bytes as they are, or let the server open it (qemu-nbd -f qcow2)",
-            src.uri
-        ))),
-        Probed::Other(name) => Err(Error::InvalidConfig(format!(
+    let backend = src.connect(cfg.writable, cfg.writethrough, cfg.threads)?;
+    let probed = src.probe(&backend)?;
+    match (src.format, probed) {
+        (NbdFormat::Raw, _) => Ok(Backend::Nbd(backend)),
+        (_, Probed::Raw) => Ok(Backend::ProbedNbd(ProbedRaw::new(backend))),
+        (_, Probed::Qcow2) => {
+            let opts = Qcow2Options {
+                writable: cfg.writable,
+                nbd: src.settings(cfg.threads),
+                ..Default::default()
+            };
+            Ok(Backend::Qcow2(src.open_qcow2(backend, opts)?))
+        }
+        (_, Probed::Other(name)) => Err(Error::InvalidConfig(format!(
             "{} looks like {name}, which blockfuse cannot read; use format raw to export its \
              bytes as they are",
             src.uri

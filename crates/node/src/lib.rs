@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use blockfuse_core::backend::nbd::TlsFiles;
 use blockfuse_core::backend::{BlockBackend, CacheMode, FaultSpec, LockMode, MAX_IMAGE_SIZE};
-use blockfuse_core::config::{self, ExportConfig, NbdSource, Source};
+use blockfuse_core::config::{self, ExportConfig, NbdFormat, NbdSource, Source};
 use blockfuse_core::layers::{Layers, Slice};
 use blockfuse_core::transport::{IoUringMode, PassthroughMode, Session, SessionEvent};
 use napi::bindgen_prelude::*;
@@ -129,9 +129,13 @@ fn to_core(c: NativeExportConfig) -> Result<ExportConfig> {
         }
     };
     let source = match (c.format.as_str(), c.nbd) {
-        (format @ ("raw" | "auto"), Some(n)) => Source::Nbd(NbdSource {
+        (format @ ("raw" | "qcow2" | "auto"), Some(n)) => Source::Nbd(NbdSource {
             uri: n.uri,
-            probe: format == "auto",
+            format: match format {
+                "raw" => NbdFormat::Raw,
+                "qcow2" => NbdFormat::Qcow2,
+                _ => NbdFormat::Auto,
+            },
             tls: TlsFiles {
                 ca: n.tls_ca.map(PathBuf::from),
                 cert: n.tls_cert.map(PathBuf::from),

@@ -15,6 +15,7 @@ pub mod partition;
 pub mod probe;
 mod qcow2;
 mod qcow2_overlap;
+mod qcow2_storage;
 mod raw;
 mod vmdk;
 
@@ -23,7 +24,7 @@ pub use fault::{FaultBackend, FaultSpec};
 pub use layer::Layered;
 pub use lock::LockMode;
 pub use memory::MemoryBackend;
-pub use nbd::{NbdBackend, NbdOptions};
+pub use nbd::{NbdBackend, NbdOptions, NbdStorage};
 pub use null::NullBackend;
 pub use probe::ProbedRaw;
 pub use qcow2::{Qcow2Backend, Qcow2Options};

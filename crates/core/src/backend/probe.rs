@@ -97,7 +97,15 @@ impl<B: BlockBackend> ProbedRaw<B> {
         let _turn = self.first_sector.lock().await;
         let sector_len = PROBE_SECTOR.min(self.inner.len()) as usize;
         let mut sector = [0u8; PROBE_SECTOR as usize];
-        self.inner.read_at(&mut sector[..sector_len], 0).await?;
+        let align = u64::from(self.inner.alignment());
+        if align > PROBE_SECTOR {
+            // The backend reads whole blocks only (an NBD server's minimum block size).
+            let mut block = vec![0u8; align.min(self.inner.len()) as usize];
+            self.inner.read_at(&mut block, 0).await?;
+            sector[..sector_len].copy_from_slice(&block[..sector_len]);
+        } else {
+            self.inner.read_at(&mut sector[..sector_len], 0).await?;
+        }
         // `offset` < 512 here; overlay the part of `buf` that lands in the first sector.
         let start = offset as usize;
         let n = buf.len().min(PROBE_SECTOR as usize - start);

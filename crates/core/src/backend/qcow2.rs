@@ -2,16 +2,17 @@
 //! presented as the disk it describes. imago does the format; this module adapts it:
 //! - imago's futures are not `Send`; each queue thread drives them on its own current-thread
 //!   runtime, like every backend's. Opening runs on a short-lived thread of its own.
-//! - imago reaches files through its `Storage` trait; [`ImageFile`] implements it on the queue
-//!   thread's io_uring (`sys::uring`), so qcow2 data and metadata I/O never blocks a queue.
+//! - imago reaches images through its `Storage` trait; [`ChainStorage`] implements it for a
+//!   local file (on the queue thread's io_uring, `sys::uring`) or an NBD export (through the NBD
+//!   client, whose socket I/O is on the same io_uring), so qcow2 data and metadata I/O never
+//!   blocks a queue. Everything below is the same for both.
 //! - Operations that may invalidate imago's data mappings (discard, shrink) need `&mut` access;
 //!   they take the image's lock exclusively, all other requests share it.
 
-use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
-use std::io::{self, Read, Seek};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,19 +21,20 @@ use std::task::Poll;
 
 use imago::format::gate::ImplicitOpenGate;
 use imago::format::PreallocateMode;
-use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
-use imago::storage::drivers::CommonStorageHelper;
-use imago::{FormatAccess, FormatDriverBuilder, Mapping, Storage, StorageExt, StorageOpenOptions};
+use imago::{FormatAccess, FormatDriverBuilder, Mapping, StorageExt, StorageOpenOptions};
 use tokio::sync::RwLock;
 
 use super::lock::{ImageLock, LockError, LockMode, Perms};
-use super::qcow2_overlap::{Layout, MetadataMap};
-use super::{file_io, BlockBackend, CacheMode, Extent, Refusal, MAX_IMAGE_SIZE};
-use crate::sys;
-use crate::sys::uring::Submission;
+use super::nbd::{uri::is_nbd_uri, NbdBackend, NbdSettings, NbdStorage};
+use super::qcow2_overlap::{Layout, MetadataMap, ReadAt};
+use super::qcow2_storage::{
+    read_up_to, ChainStorage, ImageFile, Medium, TableWatch, TopBytes, INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY, INCOMPAT_OFFSET,
+};
+use super::{BlockBackend, CacheMode, Extent, Refusal, MAX_IMAGE_SIZE};
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Qcow2Options {
     pub writable: bool,
     /// `None` opens every file of the chain with O_DIRECT.
@@ -41,22 +43,17 @@ pub struct Qcow2Options {
     pub locking: LockMode,
     /// Read-only: let others write and resize the files meanwhile (`qemu-img -U`).
     pub force_share: bool,
+    /// How to connect to a backing file named by an NBD URI (a qcow2 overlay over an NBD
+    /// source).
+    pub nbd: NbdSettings,
 }
 
 /// Longest backing chain we follow; deeper chains are refused at open.
 const MAX_CHAIN: usize = 64;
 /// `extent_at` merges mappings of one kind over at most this many bytes per call.
 const EXTENT_SCAN: u64 = 1 << 30;
-
-const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
-const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
-const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
-
-/// Incompatible feature bits (v3 header, offset 72).
-const INCOMPAT_DIRTY: u64 = 1 << 0;
-const INCOMPAT_CORRUPT: u64 = 1 << 1;
-/// Where the incompatible feature bits live; the low byte holds the dirty and corrupt bits.
-const INCOMPAT_OFFSET: u64 = 72;
+/// The header bytes we read: version 2 has 72, version 3 at least 104.
+const HEADER_READ: usize = 104;
 
 /// What we read from the top image's header ourselves (imago validates the rest).
 #[derive(Debug, Clone, Copy)]
@@ -68,11 +65,17 @@ struct HeaderInfo {
 }
 
 impl HeaderInfo {
+    /// Reads the header of a local image file.
     fn read(path: &Path) -> io::Result<Self> {
-        // The version 2 header is 72 bytes; version 3 has at least 104.
-        let mut head = [0u8; 104];
-        let mut file = File::open(path)?;
-        let n = read_up_to(&mut file, &mut head)?;
+        let mut head = [0u8; HEADER_READ];
+        let n = read_up_to(&File::open(path)?, &mut head)?;
+        Self::parse(&head[..n], &path.display().to_string())
+    }
+
+    /// Checks the first bytes of an image (`head`: up to [`HEADER_READ`]); `name` is for
+    /// messages.
+    fn parse(head: &[u8], name: &str) -> io::Result<Self> {
+        let n = head.len();
         if n < 4 || head[..4] != super::probe::QCOW2_MAGIC {
             return Err(invalid("not a qcow2 image (no QFI\\xfb magic)"));
         }
@@ -94,7 +97,7 @@ impl HeaderInfo {
         if be32(32) != 0 {
             return Err(invalid("encrypted qcow2 images are not supported"));
         }
-        if version == 3 && n < head.len() {
+        if version == 3 && n < HEADER_READ {
             return Err(invalid("qcow2 header is truncated"));
         }
         let layout = Layout {
@@ -112,9 +115,8 @@ impl HeaderInfo {
             return Err(Refusal::error(
                 "IMAGE_TOO_LARGE",
                 format!(
-                    "{}: virtual size {} bytes is larger than 2^53-1 ({MAX_IMAGE_SIZE}), the \
+                    "{name}: virtual size {} bytes is larger than 2^53-1 ({MAX_IMAGE_SIZE}), the \
                      largest size blockfuse serves exactly",
-                    path.display(),
                     layout.size
                 ),
             ));
@@ -123,41 +125,50 @@ impl HeaderInfo {
         let incompatible = if version == 3 { be64(72) } else { 0 };
         Ok(HeaderInfo { version, cluster_size: 1 << cluster_bits, incompatible, layout })
     }
+
+    /// Reads the header of the top image, wherever it lives.
+    async fn read_top(top: &TopBytes, name: &str) -> io::Result<Self> {
+        let mut head = [0u8; HEADER_READ];
+        let n = top.read_head(&mut head).await?;
+        Self::parse(&head[..n], name)
+    }
 }
 
 /// The way out QEMU gives for a dirty or corrupt image.
-fn repair_hint(path: &Path) -> String {
-    format!("repair it with: qemu-img check -r all {}", path.display())
-}
-
-fn read_up_to(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read(&mut buf[done..]) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
+fn repair_hint(name: &str) -> String {
+    format!("repair it with: qemu-img check -r all {name}")
 }
 
 fn invalid(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
 }
 
+/// Where the top image is: what [`Qcow2Backend::open_top`] starts from.
+struct Top {
+    storage: ChainStorage,
+    /// Its bytes for our own header and metadata reads (and the corrupt bit).
+    bytes: TopBytes,
+    /// The path or URI, for messages.
+    name: String,
+    /// Its canonical path (a file) or URI (NBD): the first link of the chain.
+    chain_id: PathBuf,
+    locks: Vec<ImageLock>,
+}
+
 pub struct Qcow2Backend {
-    image: RwLock<FormatAccess<ImageFile>>,
+    image: RwLock<FormatAccess<ChainStorage>>,
     len: AtomicU64,
-    /// The top image file, for its allocation (GETATTR blocks).
-    top: File,
+    /// The top image file, for its allocation (GETATTR blocks); None on NBD.
+    top_file: Option<File>,
+    /// The top image's bytes, for the metadata map and the corrupt bit.
+    top: TopBytes,
     header: HeaderInfo,
     has_backing: bool,
     alignment: u32,
-    top_path: PathBuf,
+    /// The top image's path or URI, for messages.
+    name: String,
     /// Writable only: the metadata guest writes must not touch.
-    /// Re-read from the file when it may be stale: after a resize (which may move the L1
+    /// Re-read from the image when it may be stale: after a resize (which may move the L1
     /// table) and before a suspected overlap is reported (freed metadata is reused for data).
     metadata: Option<std::sync::RwLock<MetadataMap>>,
     /// Writable only: tells when imago wrote the L1 or refcount table (a new L2 table or
@@ -170,19 +181,46 @@ pub struct Qcow2Backend {
     _locks: Vec<ImageLock>,
 }
 
+/// Runs `open` on a thread of its own with a current-thread runtime, so opening works from any
+/// context, including inside another runtime.
+fn on_open_thread<F, Fut>(open: F) -> io::Result<Qcow2Backend>
+where
+    F: FnOnce() -> Fut + Send,
+    Fut: Future<Output = io::Result<Qcow2Backend>>,
+{
+    std::thread::scope(|s| {
+        let opener = std::thread::Builder::new().name("blockfuse-qcow2-open".into()).spawn_scoped(
+            s,
+            || {
+                let rt = tokio::runtime::Builder::new_current_thread().build()?;
+                rt.block_on(open())
+            },
+        )?;
+        opener.join().unwrap_or_else(|_| Err(io::Error::other("opening the image panicked")))
+    })
+}
+
 impl Qcow2Backend {
-    /// Opens the image and its backing chain (read-only). Runs on a thread of its own, so it
-    /// works from any context, including inside another runtime.
+    /// Opens the image file and its backing chain (read-only).
     pub fn open(path: &Path, opts: Qcow2Options) -> io::Result<Self> {
         let path = path.to_path_buf();
-        std::thread::scope(|s| {
-            let opener = std::thread::Builder::new()
-                .name("blockfuse-qcow2-open".into())
-                .spawn_scoped(s, || {
-                    let rt = tokio::runtime::Builder::new_current_thread().build()?;
-                    rt.block_on(Self::open_async(&path, opts))
-                })?;
-            opener.join().unwrap_or_else(|_| Err(io::Error::other("opening the image panicked")))
+        on_open_thread(|| Self::open_file(path, opts))
+    }
+
+    /// Opens the qcow2 image held by an NBD export (a qcow2 file served raw). Its backing
+    /// files, if any, must be NBD URIs themselves (see [`ChainGate`]). No image locks: the
+    /// server owns the file.
+    pub fn open_nbd(storage: NbdStorage, opts: Qcow2Options) -> io::Result<Self> {
+        on_open_thread(|| async move {
+            let name = storage.uri().to_string();
+            let top = Top {
+                storage: ChainStorage::new(Medium::Nbd(storage.clone()), true),
+                bytes: TopBytes::Nbd(storage),
+                chain_id: PathBuf::from(&name),
+                name,
+                locks: Vec::new(),
+            };
+            Self::open_top(top, None, &opts).await
         })
     }
 
@@ -191,23 +229,47 @@ impl Qcow2Backend {
         Ok(HeaderInfo::read(path)?.layout.size)
     }
 
-    async fn open_async(path: &Path, opts: Qcow2Options) -> io::Result<Self> {
-        let header = HeaderInfo::read(path)?;
+    async fn open_file(path: PathBuf, opts: Qcow2Options) -> io::Result<Self> {
+        // Checked before imago sees it, for clear reasons.
+        HeaderInfo::read(&path)?;
         let direct = opts.cache == CacheMode::None;
         let storage_opts = StorageOpenOptions::new().direct(direct);
-        let mut top_storage =
-            ImageFile::open(storage_opts.clone().filename(path).write(opts.writable)).await?;
+        let file =
+            ImageFile::open(storage_opts.clone().filename(&path).write(opts.writable)).await?;
         let top_lock =
-            ImageLock::acquire(path, Perms::image(opts.writable, opts.force_share), opts.locking)?;
+            ImageLock::acquire(&path, Perms::image(opts.writable, opts.force_share), opts.locking)?;
+        let top_file = file.file.try_clone()?;
+        let top = Top {
+            storage: ChainStorage::new(Medium::File(file), true),
+            // Through the page cache: the image's own file may be O_DIRECT. Writable for the
+            // corrupt bit.
+            bytes: TopBytes::File(OpenOptions::new().read(true).write(opts.writable).open(&path)?),
+            name: path.display().to_string(),
+            chain_id: std::fs::canonicalize(&path)?,
+            locks: vec![top_lock],
+        };
+        let mut backend = Self::open_top(top, Some(storage_opts), &opts).await?;
+        backend.top_file = Some(top_file);
+        Ok(backend)
+    }
+
+    /// Opens the chain from its top image: the header and metadata checks, then imago.
+    async fn open_top(
+        top: Top,
+        storage_opts: Option<StorageOpenOptions>,
+        opts: &Qcow2Options,
+    ) -> io::Result<Self> {
+        let Top { storage: mut top_storage, bytes, name, chain_id, locks } = top;
+        let header = HeaderInfo::read_top(&bytes, &name).await?;
         let dirty = header.incompatible & INCOMPAT_DIRTY != 0;
         let corrupt = header.incompatible & INCOMPAT_CORRUPT != 0;
         if opts.writable && corrupt {
             return Err(Refusal::error(
                 "IMAGE_CORRUPT",
                 format!(
-                    "{}: the qcow2 image is marked corrupt and can only be exported read-only; {}",
-                    path.display(),
-                    repair_hint(path)
+                    "{name}: the qcow2 image is marked corrupt and can only be exported read-only; \
+                     {}",
+                    repair_hint(&name)
                 ),
             ));
         }
@@ -215,69 +277,63 @@ impl Qcow2Backend {
             return Err(Refusal::error(
                 "IMAGE_DIRTY",
                 format!(
-                    "{}: the qcow2 image has the dirty bit set (left by a crash with \
+                    "{name}: the qcow2 image has the dirty bit set (left by a crash with \
                      lazy_refcounts), so its refcounts may be wrong; export it read-only, or {}",
-                    path.display(),
-                    repair_hint(path)
+                    repair_hint(&name)
                 ),
             ));
         }
-        let top = top_storage.file.try_clone()?;
-        // Through the page cache: the image's own file may be O_DIRECT.
-        let buffered = File::open(path)?;
         let metadata = if opts.writable {
-            let map = MetadataMap::read(&buffered, &header.layout)?;
-            if let Some((offset, kind)) = map.unreferenced(&buffered, &header.layout)? {
+            let map = MetadataMap::read(&bytes, &header.layout).await?;
+            if let Some((offset, kind)) = map.unreferenced(&bytes, &header.layout).await? {
                 return Err(Refusal::error(
                     "IMAGE_CORRUPT",
                     format!(
-                        "{}: the {} at host offset {offset:#x} has refcount 0, so new clusters \
+                        "{name}: the {} at host offset {offset:#x} has refcount 0, so new clusters \
                          could be allocated over it; export it read-only, or {}",
-                        path.display(),
                         kind.name(),
-                        repair_hint(path)
+                        repair_hint(&name)
                     ),
                 ));
             }
             Some(std::sync::RwLock::new(map))
         } else {
             // Still refuses what QEMU refuses (a snapshot table too large).
-            MetadataMap::read(&buffered, &header.layout)?;
+            MetadataMap::read(&bytes, &header.layout).await?;
             None
         };
         // Read-only, a dirty or corrupt image is served as QEMU serves it: imago would refuse
         // the bits, so they are hidden from it while it opens the chain.
         let window = Arc::new(AtomicBool::new(true));
-        top_storage.hide_dirty_and_corrupt(&window, opts.writable);
+        top_storage.hide_dirty_and_corrupt(&window, opts.writable).await;
         let tables = metadata.is_some().then(|| Arc::new(TableWatch::new(&header.layout)));
-        top_storage.tables = tables.clone();
+        top_storage.watch_tables(tables.clone());
         if corrupt {
             log::warn!(
-                "{}: the qcow2 image is marked corrupt; serving it read-only; {}",
-                path.display(),
-                repair_hint(path)
+                "{name}: the qcow2 image is marked corrupt; serving it read-only; {}",
+                repair_hint(&name)
             );
         } else if dirty {
-            log::warn!(
-                "{}: the qcow2 image has the dirty bit set; serving it read-only",
-                path.display()
-            );
+            log::warn!("{name}: the qcow2 image has the dirty bit set; serving it read-only");
         }
+        let nbd_in_chain = top_storage.is_nbd();
         let gate = ChainGate {
-            chain: vec![std::fs::canonicalize(path)?],
+            chain: vec![chain_id],
+            nbd_in_chain,
+            nbd: opts.nbd.clone(),
             locking: opts.locking,
             force_share: opts.force_share,
-            locks: Arc::new(Mutex::new(vec![top_lock])),
+            locks: Arc::new(Mutex::new(locks)),
             refused: Arc::new(Mutex::new(None)),
             window: window.clone(),
         };
         let locks = gate.locks.clone();
         let refused = gate.refused.clone();
-        let opened = Qcow2::<ImageFile>::builder(top_storage)
-            .write(opts.writable)
-            .storage_open_options(storage_opts)
-            .open(gate)
-            .await;
+        let mut builder = Qcow2::<ChainStorage>::builder(top_storage).write(opts.writable);
+        if let Some(storage_opts) = storage_opts {
+            builder = builder.storage_open_options(storage_opts);
+        }
+        let opened = builder.open(gate).await;
         window.store(false, Ordering::Release);
         let qcow2 = match opened {
             Ok(q) => q,
@@ -293,11 +349,12 @@ impl Qcow2Backend {
         Ok(Qcow2Backend {
             len: AtomicU64::new(image.size()),
             image: RwLock::new(image),
-            top,
+            top_file: None,
+            top: bytes,
             header,
             has_backing,
             alignment,
-            top_path: path.to_path_buf(),
+            name,
             metadata,
             tables,
             corrupt: AtomicBool::new(false),
@@ -318,7 +375,7 @@ impl Qcow2Backend {
     /// the image corrupt and fails.
     async fn checked_write(
         &self,
-        image: &FormatAccess<ImageFile>,
+        image: &FormatAccess<ChainStorage>,
         mut buf: &[u8],
         mut offset: u64,
     ) -> io::Result<()> {
@@ -330,9 +387,9 @@ impl Qcow2Backend {
             let mapping = image.prepare_data_mapping(offset, buf.len() as u64, true).await?;
             // Preparing may have allocated an L2 table or refcount block (over a cluster a
             // damaged L2 entry points at, say): the map must know it before the check.
-            self.refresh_if_tables_changed()?;
+            self.refresh_if_tables_changed().await?;
             let (storage, host, n) = (mapping.storage(), mapping.offset(), mapping.length());
-            if storage.path == self.top_path {
+            if storage.is_top() {
                 if let Some(kind) = self.overlap(host, n) {
                     // Nothing written; the prepared mapping is dropped uncommitted.
                     drop(mapping);
@@ -356,7 +413,7 @@ impl Qcow2Backend {
     /// The second time the overlap is real: mark the image corrupt and fail with EIO.
     async fn overlap_found(
         &self,
-        image: &FormatAccess<ImageFile>,
+        image: &FormatAccess<ChainStorage>,
         kind: super::qcow2_overlap::Kind,
         host: u64,
         rechecked: &mut bool,
@@ -364,9 +421,9 @@ impl Qcow2Backend {
         if !*rechecked {
             *rechecked = true;
             image.flush().await?;
-            return self.refresh_metadata();
+            return self.refresh_metadata().await;
         }
-        self.mark_corrupt(kind.name(), host);
+        self.mark_corrupt(kind.name(), host).await;
         Err(io::Error::from_raw_os_error(libc::EIO))
     }
 
@@ -376,15 +433,15 @@ impl Qcow2Backend {
         map.read().unwrap_or_else(|p| p.into_inner()).overlap(host, len)
     }
 
-    /// Re-reads the metadata map from the image file.
-    fn refresh_metadata(&self) -> io::Result<()> {
+    /// Re-reads the metadata map from the image.
+    async fn refresh_metadata(&self) -> io::Result<()> {
         let Some(map) = &self.metadata else { return Ok(()) };
         if let Some(tables) = &self.tables {
             // Cleared first: a table written while this reads is seen by the next check.
             tables.changed.store(false, Ordering::Release);
         }
-        let header = HeaderInfo::read(&self.top_path)?;
-        let fresh = MetadataMap::read(&File::open(&self.top_path)?, &header.layout)?;
+        let header = HeaderInfo::read_top(&self.top, &self.name).await?;
+        let fresh = MetadataMap::read(&self.top, &header.layout).await?;
         *map.write().unwrap_or_else(|p| p.into_inner()) = fresh;
         if let Some(tables) = &self.tables {
             tables.watch(&header.layout);
@@ -393,9 +450,9 @@ impl Qcow2Backend {
     }
 
     /// Refreshes the metadata map if imago wrote the L1 or refcount table since the last time.
-    fn refresh_if_tables_changed(&self) -> io::Result<()> {
+    async fn refresh_if_tables_changed(&self) -> io::Result<()> {
         match &self.tables {
-            Some(tables) if tables.changed.load(Ordering::Acquire) => self.refresh_metadata(),
+            Some(tables) if tables.changed.load(Ordering::Acquire) => self.refresh_metadata().await,
             _ => Ok(()),
         }
     }
@@ -404,7 +461,7 @@ impl Qcow2Backend {
     /// no zero flag, zeros written as data.
     async fn zero_in_place(
         &self,
-        image: &FormatAccess<ImageFile>,
+        image: &FormatAccess<ChainStorage>,
         offset: u64,
         len: u64,
     ) -> io::Result<()> {
@@ -426,7 +483,7 @@ impl Qcow2Backend {
     /// range is mapped onto metadata, since freeing or zeroing it would destroy that metadata.
     async fn check_mapped(
         &self,
-        image: &FormatAccess<ImageFile>,
+        image: &FormatAccess<ChainStorage>,
         offset: u64,
         len: u64,
     ) -> io::Result<()> {
@@ -441,9 +498,9 @@ impl Qcow2Backend {
             if n == 0 {
                 break;
             }
-            self.refresh_if_tables_changed()?;
+            self.refresh_if_tables_changed().await?;
             if let Mapping::Raw { storage, offset: host, .. } = mapping {
-                if storage.path == self.top_path {
+                if storage.is_top() {
                     if let Some(kind) = self.overlap(host, n) {
                         self.overlap_found(image, kind, host, &mut rechecked).await?;
                         continue;
@@ -458,7 +515,7 @@ impl Qcow2Backend {
 
     /// QEMU's `qcow2_signal_corruption`: sets the corrupt bit in the header (v3; v2 has none)
     /// and stops all further writes.
-    fn mark_corrupt(&self, what: &str, host: u64) {
+    async fn mark_corrupt(&self, what: &str, host: u64) {
         if self.corrupt.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -469,16 +526,13 @@ impl Qcow2Backend {
         if self.header.version < 3 {
             return;
         }
-        use std::os::unix::fs::FileExt;
         let mut field = [0u8; 8];
-        // A buffered file of its own: the image's may be O_DIRECT.
-        let marked = OpenOptions::new().read(true).write(true).open(&self.top_path).and_then(|f| {
-            f.read_exact_at(&mut field, INCOMPAT_OFFSET)?;
+        let marked = async {
+            self.top.read_exact_at(&mut field, INCOMPAT_OFFSET).await?;
             let bits = u64::from_be_bytes(field) | INCOMPAT_CORRUPT;
-            f.write_all_at(&bits.to_be_bytes(), INCOMPAT_OFFSET)?;
-            f.sync_data()
-        });
-        if let Err(e) = marked {
+            self.top.write_durably(&bits.to_be_bytes(), INCOMPAT_OFFSET).await
+        };
+        if let Err(e) = marked.await {
             log::error!("could not set the corrupt bit in the image header: {e}");
         }
     }
@@ -537,7 +591,7 @@ impl BlockBackend for Qcow2Backend {
         self.header.cluster_size.clamp(512, 1 << 20) as u32
     }
     fn allocated_bytes(&self) -> Option<u64> {
-        self.top.metadata().ok().map(|m| m.blocks() * 512)
+        self.top_file.as_ref()?.metadata().ok().map(|m| m.blocks() * 512)
     }
     async fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         no_panic("read", async {
@@ -599,7 +653,7 @@ impl BlockBackend for Qcow2Backend {
             no_panic("resize", async { self.image.read().await.flush().await })
                 .await
                 .map_err(|e| request_error("resize", e))?;
-            self.refresh_metadata()?;
+            self.refresh_metadata().await?;
         }
         self.len.store(new_len, Ordering::Release);
         Ok(())
@@ -680,30 +734,93 @@ impl BlockBackend for Qcow2Backend {
 
 /// Opens what the image header references (backing files, a data file), refusing loops and
 /// over-long chains. Backing files come here read-only (imago asks for them so).
+///
+/// A backing file named by an NBD URI (`nbd://...`, `nbd+unix://...`; what an overlay over an
+/// NBD source records) is opened over NBD, read-only, with the export's NBD settings. An image on
+/// an NBD server that names a path instead (on the server's machine, or relative to its
+/// directory there) cannot be reached: such a chain is refused with `NBD_BACKING_UNSUPPORTED`
+/// (let the server open the chain: `qemu-nbd -f qcow2`).
 #[derive(Clone)]
 struct ChainGate {
+    /// Canonical paths (files) and URIs (NBD) of the images opened so far.
     chain: Vec<PathBuf>,
+    /// The chain so far has an image on an NBD server.
+    nbd_in_chain: bool,
+    nbd: NbdSettings,
     locking: LockMode,
     force_share: bool,
     /// The locks taken so far, shared by the gate's clones.
     locks: Arc<Mutex<Vec<ImageLock>>>,
     /// A lock conflict met while opening, returned instead of imago's rewording of it.
     refused: Arc<Mutex<Option<io::Error>>>,
-    /// True while the chain is being opened (see [`ImageFile::hide_dirty_and_corrupt`]).
+    /// True while the chain is being opened (see [`ChainStorage::hide_dirty_and_corrupt`]).
     window: Arc<AtomicBool>,
 }
 
-impl ImplicitOpenGate<ImageFile> for ChainGate {
-    async fn open_format<F: FormatDriverBuilder<ImageFile>>(
+impl ChainGate {
+    /// A backing file on an NBD server, named by its URI.
+    async fn open_nbd(&mut self, uri: &str, writable: bool) -> io::Result<ChainStorage> {
+        let id = PathBuf::from(uri);
+        if self.chain.contains(&id) {
+            return Err(invalid(&format!("backing chain loop: {uri} is already in the chain")));
+        }
+        if self.chain.len() >= MAX_CHAIN {
+            return Err(invalid(&format!("backing chain longer than {MAX_CHAIN} images")));
+        }
+        if writable {
+            // imago opens backing files read-only; only an external data file comes writable.
+            return Err(invalid(&format!("{uri}: a writable data file on NBD is not supported")));
+        }
+        let parsed = super::nbd::uri::parse(uri).map_err(|e| {
+            self.refuse(Refusal::error("NBD_URI_INVALID", format!("backing file {uri}: {e}")))
+        })?;
+        let settings = self.nbd.read_only(parsed);
+        // Connecting blocks (with its own timeouts); this is the opening thread.
+        let backend = NbdBackend::open(&settings).map_err(|e| {
+            let (code, message) = e.code_and_message();
+            self.refuse(Refusal::error(code, format!("backing file {uri}: {message}")))
+        })?;
+        self.chain.push(id);
+        self.nbd_in_chain = true;
+        let mut storage = ChainStorage::new(Medium::Nbd(NbdStorage::new(backend, uri)), false);
+        storage.hide_dirty_and_corrupt(&self.window, writable).await;
+        Ok(storage)
+    }
+
+    /// Keeps `e` to return in place of imago's rewording of it, and returns it.
+    fn refuse(&self, e: io::Error) -> io::Error {
+        if let Some(r) = super::refusal_of(&e) {
+            let copy = Refusal::error(r.code, r.message.clone());
+            *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(copy);
+        }
+        e
+    }
+}
+
+impl ImplicitOpenGate<ChainStorage> for ChainGate {
+    async fn open_format<F: FormatDriverBuilder<ChainStorage>>(
         &mut self,
         builder: F,
-    ) -> io::Result<FormatAccess<ImageFile>> {
+    ) -> io::Result<FormatAccess<ChainStorage>> {
         let inner = Box::pin(builder.open(self.clone())).await?;
         Ok(FormatAccess::new(inner))
     }
 
-    async fn open_storage(&mut self, opts: StorageOpenOptions) -> io::Result<ImageFile> {
+    async fn open_storage(&mut self, opts: StorageOpenOptions) -> io::Result<ChainStorage> {
         let name = opts.get_filename().ok_or_else(|| io::Error::other("no file name"))?;
+        if let Some(uri) = name.to_str().filter(|n| is_nbd_uri(n)) {
+            return self.open_nbd(uri, opts.get_writable()).await;
+        }
+        if self.nbd_in_chain {
+            let top = self.chain.first().map(|p| p.display().to_string()).unwrap_or_default();
+            return Err(self.refuse(Refusal::error(
+                "NBD_BACKING_UNSUPPORTED",
+                format!(
+                    "{top}: the qcow2 image on the NBD server names the backing file {}, a path                      on the server's machine, which blockfuse cannot open; let the server open                      the chain (qemu-nbd -f qcow2, or qemu-storage-daemon) and export its disk                      with format raw, or rebase the image onto no backing file (qemu-img                      convert)",
+                    name.display()
+                ),
+            )));
+        }
         let canonical = std::fs::canonicalize(name)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", name.display())))?;
         if self.chain.contains(&canonical) {
@@ -717,7 +834,7 @@ impl ImplicitOpenGate<ImageFile> for ChainGate {
         }
         self.chain.push(canonical);
         let writable = opts.get_writable();
-        let mut file = ImageFile::open(opts).await?;
+        let file = ImageFile::open(opts).await?;
         // Backing files come read-only; an external data file comes writable with the image.
         let perms = Perms::image(writable, self.force_share);
         match ImageLock::acquire(&file.path, perms, self.locking) {
@@ -732,301 +849,9 @@ impl ImplicitOpenGate<ImageFile> for ChainGate {
                 return Err(e);
             }
         }
-        file.hide_dirty_and_corrupt(&self.window, writable);
-        Ok(file)
-    }
-}
-
-/// A file of the chain as imago's storage: positional I/O through the queue thread's io_uring,
-/// synchronous where there is none (opening, closing, tests).
-pub struct ImageFile {
-    file: File,
-    path: PathBuf,
-    mem_align: usize,
-    req_align: usize,
-    submission: Submission,
-    helper: CommonStorageHelper,
-    /// Read-only qcow2 v3 files: the dirty and corrupt bits of the header, hidden from reads
-    /// while the window is open (imago refuses them; QEMU reads such images).
-    hide: Option<(u8, Arc<AtomicBool>)>,
-    /// The top file of a writable image: its writes to the L1 and refcount tables are noted.
-    tables: Option<Arc<TableWatch>>,
-}
-
-/// Where the L1 and refcount tables of the top file are, and whether they were written since the
-/// metadata map was last read. Every write of the top file checks the two ranges (four relaxed
-/// loads); the tables are written only when imago allocates an L2 table or a refcount block.
-struct TableWatch {
-    l1: (AtomicU64, AtomicU64),
-    refcount_table: (AtomicU64, AtomicU64),
-    changed: AtomicBool,
-}
-
-impl TableWatch {
-    fn new(layout: &super::qcow2_overlap::Layout) -> Self {
-        let w = TableWatch {
-            l1: (AtomicU64::new(0), AtomicU64::new(0)),
-            refcount_table: (AtomicU64::new(0), AtomicU64::new(0)),
-            changed: AtomicBool::new(false),
-        };
-        w.watch(layout);
-        w
-    }
-
-    /// Watches the tables where `layout` puts them (they move when the image grows).
-    fn watch(&self, layout: &super::qcow2_overlap::Layout) {
-        let set = |(start, end): &(AtomicU64, AtomicU64), offset: u64, len: u64| {
-            start.store(offset, Ordering::Relaxed);
-            end.store(offset + len, Ordering::Relaxed);
-        };
-        set(&self.l1, layout.l1_offset, u64::from(layout.l1_size) * 8);
-        let rt_len = u64::from(layout.refcount_table_clusters) << layout.cluster_bits;
-        set(&self.refcount_table, layout.refcount_table_offset, rt_len);
-    }
-
-    /// Notes a write of `len` bytes at `offset` if it touches either table.
-    fn note_write(&self, offset: u64, len: u64) {
-        let hits = |(start, end): &(AtomicU64, AtomicU64)| {
-            offset < end.load(Ordering::Relaxed) && offset + len > start.load(Ordering::Relaxed)
-        };
-        if hits(&self.l1) || hits(&self.refcount_table) {
-            self.changed.store(true, Ordering::Release);
-        }
-    }
-}
-
-impl fmt::Debug for ImageFile {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ImageFile").field("path", &self.path).finish()
-    }
-}
-
-impl fmt::Display for ImageFile {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.path.display())
-    }
-}
-
-impl ImageFile {
-    /// For a read-only file that is a qcow2 v3 image with the dirty or corrupt bit: hides the
-    /// bits from header reads while `window` is true (only during open, so data of a raw file
-    /// that looks like such a header is never altered once the chain is open).
-    fn hide_dirty_and_corrupt(&mut self, window: &Arc<AtomicBool>, writable: bool) {
-        if writable {
-            return;
-        }
-        let mut head = [0u8; 80];
-        // A file of its own: the image's may be O_DIRECT.
-        let Ok(mut f) = File::open(&self.path) else { return };
-        if !matches!(read_up_to(&mut f, &mut head), Ok(80)) {
-            return;
-        }
-        if head[..4] != super::probe::QCOW2_MAGIC || head[4..8] != [0, 0, 0, 3] {
-            return;
-        }
-        let bits = head[79] & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT) as u8;
-        if bits != 0 {
-            self.hide = Some((bits, window.clone()));
-        }
-    }
-
-    fn size_now(&self) -> io::Result<u64> {
-        let meta = self.file.metadata()?;
-        if meta.file_type().is_file() {
-            Ok(meta.len())
-        } else {
-            // Block devices: the size is where SEEK_END lands.
-            (&self.file).seek(io::SeekFrom::End(0))
-        }
-    }
-
-    /// Fills `buf` from `offset`; what lies past EOF reads as zeros.
-    async fn pread_full(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let n = file_io::read_full(&self.file, buf, offset, self.submission).await?;
-        buf[n..].fill(0);
-        Ok(())
-    }
-
-    async fn pwrite_full(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        file_io::write_all(&self.file, buf, offset, self.submission).await
-    }
-
-    async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        file_io::fallocate(&self.file, mode, offset, len).await
-    }
-
-    async fn write_zero_data(&self, mut offset: u64, len: u64) -> io::Result<()> {
-        let chunk = vec![0u8; len.min(1 << 20) as usize];
-        let end = offset + len;
-        while offset < end {
-            let n = (end - offset).min(chunk.len() as u64) as usize;
-            self.pwrite_full(&chunk[..n], offset).await?;
-            offset += n as u64;
-        }
-        Ok(())
-    }
-}
-
-impl Storage for ImageFile {
-    async fn open(opts: StorageOpenOptions) -> io::Result<Self> {
-        let path = opts
-            .get_filename()
-            .ok_or_else(|| io::Error::other("no file name to open"))?
-            .to_path_buf();
-        let mut oo = OpenOptions::new();
-        oo.read(true).write(opts.get_writable());
-        if opts.get_direct() {
-            oo.custom_flags(libc::O_DIRECT);
-        }
-        let file = oo
-            .open(&path)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-        if file.metadata()?.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::IsADirectory,
-                format!("{} is a directory", path.display()),
-            ));
-        }
-        let (mem_align, req_align) = if opts.get_direct() {
-            let (mem, off) = sys::dio_alignment(&file).unwrap_or((4096, 4096));
-            (mem.max(512) as usize, off.max(512) as usize)
-        } else {
-            (1, 1)
-        };
-        let submission = file_io::submission_for(opts.get_direct());
-        let helper = CommonStorageHelper::default();
-        Ok(ImageFile {
-            file,
-            path,
-            mem_align,
-            req_align,
-            submission,
-            helper,
-            hide: None,
-            tables: None,
-        })
-    }
-
-    fn mem_align(&self) -> usize {
-        self.mem_align
-    }
-
-    fn req_align(&self) -> usize {
-        self.req_align
-    }
-
-    fn size(&self) -> io::Result<u64> {
-        self.size_now()
-    }
-
-    fn resolve_relative_path<P: AsRef<Path>>(&self, relative: P) -> io::Result<PathBuf> {
-        // As QEMU: a relative backing file name is relative to the image's directory.
-        let relative = relative.as_ref();
-        if relative.is_absolute() {
-            return Ok(relative.to_path_buf());
-        }
-        let dir = self.path.parent().ok_or_else(|| io::Error::other("image path has no parent"))?;
-        Ok(dir.join(relative))
-    }
-
-    fn get_filename(&self) -> Option<PathBuf> {
-        Some(self.path.clone())
-    }
-
-    async unsafe fn pure_readv(&self, bufv: IoVectorMut<'_>, offset: u64) -> io::Result<()> {
-        let mut pos = offset;
-        for mut slice in bufv.into_inner() {
-            self.pread_full(&mut slice, pos).await?;
-            if let Some((bits, window)) = &self.hide {
-                let at = INCOMPAT_OFFSET + 7;
-                if window.load(Ordering::Acquire) && (pos..pos + slice.len() as u64).contains(&at) {
-                    slice[(at - pos) as usize] &= !bits;
-                }
-            }
-            pos += slice.len() as u64;
-        }
-        Ok(())
-    }
-
-    async unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
-        let mut pos = offset;
-        for slice in bufv.into_inner() {
-            self.pwrite_full(&slice, pos).await?;
-            pos += slice.len() as u64;
-        }
-        if let Some(tables) = &self.tables {
-            tables.note_write(offset, pos - offset);
-        }
-        Ok(())
-    }
-
-    async unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
-        let size = self.size_now()?;
-        let end = offset + length;
-        if offset < size {
-            let n = end.min(size) - offset;
-            self.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, n).await?;
-        }
-        if end > size {
-            // Grows the file and never shrinks it, whatever writes run beside it.
-            let from = offset.max(size);
-            self.fallocate(FALLOC_FL_ZERO_RANGE, from, end - from).await?;
-        }
-        Ok(())
-    }
-
-    async unsafe fn pure_write_allocated_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
-        self.fallocate(FALLOC_FL_ZERO_RANGE, offset, length).await
-    }
-
-    async unsafe fn pure_discard(&self, offset: u64, length: u64) -> io::Result<()> {
-        let size = self.size_now()?;
-        if offset >= size {
-            return Ok(());
-        }
-        let n = (offset + length).min(size) - offset;
-        match self.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, n).await {
-            // A discard may do nothing.
-            Err(e) if e.kind() == io::ErrorKind::Unsupported => Ok(()),
-            r => r,
-        }
-    }
-
-    async fn flush(&self) -> io::Result<()> {
-        // No buffers of our own.
-        Ok(())
-    }
-
-    async fn sync(&self) -> io::Result<()> {
-        file_io::datasync(&self.file).await
-    }
-
-    async unsafe fn invalidate_cache(&self) -> io::Result<()> {
-        Ok(())
-    }
-
-    fn get_storage_helper(&self) -> &CommonStorageHelper {
-        &self.helper
-    }
-
-    async fn resize(
-        &self,
-        new_size: u64,
-        prealloc_mode: imago::storage::PreallocateMode,
-    ) -> io::Result<()> {
-        use imago::storage::PreallocateMode as P;
-        let size = self.size_now()?;
-        if new_size <= size {
-            return self.file.set_len(new_size);
-        }
-        match prealloc_mode {
-            P::Allocate => self.fallocate(0, size, new_size - size).await,
-            P::WriteData => self.write_zero_data(size, new_size - size).await,
-            _ => self.file.set_len(new_size),
-        }
+        let mut storage = ChainStorage::new(Medium::File(file), false);
+        storage.hide_dirty_and_corrupt(&self.window, writable).await;
+        Ok(storage)
     }
 }
 

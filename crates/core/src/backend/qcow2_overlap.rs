@@ -4,12 +4,25 @@
 //! whenever the qcow2 backend learns that imago wrote the L1 or refcount table (a new L2 table or
 //! refcount block). New metadata comes from clusters the refcounts say are free, which is why a
 //! writable open refuses an image whose metadata clusters have refcount 0. Pure reads with
-//! positional I/O; no imago.
+//! positional I/O through [`ReadAt`] (a local file, or an image on an NBD server); no imago.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+
+/// Positional reads of the image's bytes, outside imago (its caches are not consulted).
+#[allow(async_fn_in_trait)]
+pub trait ReadAt {
+    /// Fills `buf` from `offset`; short data is an error.
+    async fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+}
+
+impl ReadAt for File {
+    async fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+}
 
 /// QEMU's limits (block/qcow2.h) and its reasons for refusing images beyond them.
 const MAX_REFTABLE_SIZE: u64 = 8 << 20;
@@ -94,9 +107,9 @@ pub struct MetadataMap {
     clusters: HashMap<u64, Kind>,
 }
 
-fn read_u64s(file: &File, offset: u64, count: u64) -> io::Result<Vec<u64>> {
+async fn read_u64s(file: &impl ReadAt, offset: u64, count: u64) -> io::Result<Vec<u64>> {
     let mut buf = vec![0u8; (count * 8) as usize];
-    file.read_exact_at(&mut buf, offset)?;
+    file.read_exact_at(&mut buf, offset).await?;
     Ok(buf.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap())).collect())
 }
 
@@ -107,7 +120,7 @@ fn invalid(msg: String) -> io::Error {
 impl MetadataMap {
     /// Reads the metadata layout of the image in `file`. Refuses (with QEMU's reason) a snapshot
     /// table QEMU would refuse.
-    pub fn read(file: &File, l: &Layout) -> io::Result<Self> {
+    pub async fn read(file: &impl ReadAt, l: &Layout) -> io::Result<Self> {
         let cs = l.cluster_size();
         let mut map = MetadataMap { cluster_bits: l.cluster_bits, clusters: HashMap::new() };
         map.add(0, cs, Kind::Header);
@@ -115,13 +128,13 @@ impl MetadataMap {
         map.add(l.l1_offset, l1_bytes, Kind::ActiveL1);
         let rt_bytes = u64::from(l.refcount_table_clusters) * cs;
         map.add(l.refcount_table_offset, rt_bytes, Kind::RefcountTable);
-        for e in read_u64s(file, l.refcount_table_offset, rt_bytes / 8)? {
+        for e in read_u64s(file, l.refcount_table_offset, rt_bytes / 8).await? {
             let off = e & !0x1ff;
             if off != 0 {
                 map.add(off, cs, Kind::RefcountBlock);
             }
         }
-        for e in read_u64s(file, l.l1_offset, u64::from(l.l1_size))? {
+        for e in read_u64s(file, l.l1_offset, u64::from(l.l1_size)).await? {
             let off = e & OFFSET_MASK;
             if off != 0 {
                 map.add(off, cs, Kind::ActiveL2);
@@ -131,7 +144,7 @@ impl MetadataMap {
             let mut pos = l.snapshots_offset;
             for _ in 0..l.nb_snapshots {
                 let mut e = [0u8; 40];
-                file.read_exact_at(&mut e, pos)?;
+                file.read_exact_at(&mut e, pos).await?;
                 let be64 = |a: usize| u64::from_be_bytes(e[a..a + 8].try_into().unwrap());
                 let be32 =
                     |a: usize| u64::from(u32::from_be_bytes(e[a..a + 4].try_into().unwrap()));
@@ -180,15 +193,17 @@ impl MetadataMap {
 
     /// The first metadata cluster whose refcount is 0: new data or metadata could be allocated
     /// over it, so such an image must not be written.
-    pub fn unreferenced(&self, file: &File, l: &Layout) -> io::Result<Option<(u64, Kind)>> {
+    pub async fn unreferenced(
+        &self,
+        file: &impl ReadAt,
+        l: &Layout,
+    ) -> io::Result<Option<(u64, Kind)>> {
         let cs = l.cluster_size();
         let bits = 1u64 << l.refcount_order;
         let per_block = cs * 8 / bits;
-        let rt = read_u64s(
-            file,
-            l.refcount_table_offset,
-            u64::from(l.refcount_table_clusters) * cs / 8,
-        )?;
+        let rt =
+            read_u64s(file, l.refcount_table_offset, u64::from(l.refcount_table_clusters) * cs / 8)
+                .await?;
         let mut blocks: HashMap<u64, Vec<u8>> = HashMap::new();
         let mut sorted: Vec<_> = self.clusters.iter().map(|(&c, &k)| (c, k)).collect();
         sorted.sort_unstable_by_key(|&(c, _)| c);
@@ -199,7 +214,7 @@ impl MetadataMap {
             } else {
                 if let std::collections::hash_map::Entry::Vacant(v) = blocks.entry(block_off) {
                     let mut buf = vec![0u8; cs as usize];
-                    file.read_exact_at(&mut buf, block_off)?;
+                    file.read_exact_at(&mut buf, block_off).await?;
                     v.insert(buf);
                 }
                 refcount_at(&blocks[&block_off], c % per_block, bits)

@@ -2,7 +2,8 @@
 //! in it and the source is only read. Created through imago's qcow2 create builder when missing,
 //! with the backing file name (relative to the overlay's directory, as `qemu-img create -b`
 //! records a relative name) and format in the header; reused when its backing file is the
-//! source; refused otherwise.
+//! source; refused otherwise. An NBD source is recorded by its URI (as QEMU records an `nbd:`
+//! backing file), and opened over NBD as the overlay's backing file.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
@@ -14,7 +15,8 @@ use imago::{FormatCreateBuilder, Storage, StorageOpenOptions};
 
 use super::relative_to;
 use crate::backend::probe::{self, Probed};
-use crate::config::Source;
+use crate::backend::BlockBackend;
+use crate::config::{NbdSource, Source};
 use crate::error::{Error, Result};
 
 /// Header extension that names the backing file's format.
@@ -23,37 +25,96 @@ const EXT_END: u32 = 0;
 
 /// Makes sure the overlay at `path` exists with `source` as its backing file; returns its path.
 pub fn prepare(path: &Path, source: &Source) -> Result<PathBuf> {
-    let (source_path, format) =
-        match source {
-            Source::Raw(p) => (p, "raw"),
-            Source::Qcow2(p) => (p, "qcow2"),
-            Source::Auto(p) => match probe::probe_file(p).map_err(open_err(p))? {
-                Probed::Qcow2 => (p, "qcow2"),
-                Probed::Raw => (p, "raw"),
-                Probed::Other(name) => {
-                    return Err(open_err(p)(io::Error::other(format!(
-                        "the image looks like {name}, which cannot back a qcow2 overlay here"
-                    ))))
-                }
-            },
-            Source::Vmdk(p) => {
-                return Err(open_err(p)(io::Error::other(
-                    "a vmdk image cannot back a qcow2 overlay here; use snapshot",
-                )))
+    let (source_path, format) = match source {
+        Source::Raw(p) => (p, "raw"),
+        Source::Qcow2(p) => (p, "qcow2"),
+        Source::Auto(p) => match probe::probe_file(p).map_err(open_err(p))? {
+            Probed::Qcow2 => (p, "qcow2"),
+            Probed::Raw => (p, "raw"),
+            Probed::Other(name) => {
+                return Err(open_err(p)(io::Error::other(format!(
+                    "the image looks like {name}, which cannot back a qcow2 overlay here"
+                ))))
             }
-            Source::Null(_) | Source::Nbd(_) => return Err(Error::InvalidConfig(
-                "an overlay needs an image file as its source (its backing file); use snapshot \
-                 for a temporary overlay of this source"
+        },
+        Source::Vmdk(p) => {
+            return Err(open_err(p)(io::Error::other(
+                "a vmdk image cannot back a qcow2 overlay here; use snapshot",
+            )))
+        }
+        Source::Nbd(src) => return prepare_nbd(path, src),
+        Source::Null(_) => {
+            return Err(Error::InvalidConfig(
+                "an overlay needs an image file or an NBD export as its source (its backing \
+                 file); use snapshot for a temporary overlay of a null source"
                     .into(),
-            )),
-        };
+            ))
+        }
+    };
     let source_path = std::fs::canonicalize(source_path).map_err(open_err(source_path))?;
     match std::fs::symlink_metadata(path) {
         Ok(_) => check_backing(path, &source_path, format)?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => create(path, &source_path, format)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let size = std::fs::metadata(&source_path).map_err(open_err(&source_path))?;
+            let size = if format == "raw" {
+                size.len()
+            } else {
+                crate::backend::Qcow2Backend::virtual_size(&source_path)
+                    .map_err(open_err(&source_path))?
+            };
+            let dir = overlay_dir(path)?;
+            let backing = relative_to(&source_path, &dir).to_string_lossy().into_owned();
+            create(path, &backing, format, size)?;
+            log::info!(
+                "created the overlay {} over {} ({format})",
+                path.display(),
+                source_path.display()
+            );
+        }
         Err(e) => return Err(overlay_err(path, e.to_string())),
     }
     Ok(path.to_path_buf())
+}
+
+/// [`prepare`] for an NBD source: the overlay names it by its URI. Connects once (read-only)
+/// to learn its format and size when the overlay is created or checked.
+fn prepare_nbd(path: &Path, src: &NbdSource) -> Result<PathBuf> {
+    let backend = src.connect(false, false, 1)?;
+    let format = match src.probe(&backend)? {
+        Probed::Raw => "raw",
+        Probed::Qcow2 => "qcow2",
+        Probed::Other(name) => {
+            return Err(Error::InvalidConfig(format!(
+                "{} looks like {name}, which cannot back a qcow2 overlay here",
+                src.uri
+            )))
+        }
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(_) => {
+            drop(backend);
+            check_backing_uri(path, &src.uri, format)?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let size = if format == "raw" {
+                backend.len()
+            } else {
+                let opts =
+                    crate::backend::Qcow2Options { nbd: src.settings(1), ..Default::default() };
+                src.open_qcow2(backend, opts)?.len()
+            };
+            create(path, &src.uri, format, size)?;
+            log::info!("created the overlay {} over {} ({format})", path.display(), src.uri);
+        }
+        Err(e) => return Err(overlay_err(path, e.to_string())),
+    }
+    Ok(path.to_path_buf())
+}
+
+/// The overlay's directory, canonical.
+fn overlay_dir(path: &Path) -> Result<PathBuf> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::canonicalize(dir).map_err(|e| overlay_err(path, e.to_string()))
 }
 
 fn open_err(path: &Path) -> impl Fn(io::Error) -> Error + '_ {
@@ -67,17 +128,10 @@ fn overlay_err(path: &Path, why: String) -> Error {
     }
 }
 
-/// Creates the overlay; on failure, nothing is left at `path`.
-fn create(path: &Path, source: &Path, format: &str) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let dir = std::fs::canonicalize(dir).map_err(|e| overlay_err(path, e.to_string()))?;
-    let size = std::fs::metadata(source).map_err(open_err(source))?;
-    let size = if format == "raw" {
-        size.len()
-    } else {
-        crate::backend::Qcow2Backend::virtual_size(source).map_err(open_err(source))?
-    };
-    let backing = relative_to(source, &dir).to_string_lossy().into_owned();
+/// Creates the overlay of `size` bytes naming `backing` (a path relative to the overlay's
+/// directory, or a URI) of format `format`; on failure, nothing is left at `path`.
+fn create(path: &Path, backing: &str, format: &str, size: u64) -> Result<()> {
+    let backing = backing.to_string();
     OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -99,12 +153,11 @@ fn create(path: &Path, source: &Path, format: &str) -> Result<()> {
         let _ = std::fs::remove_file(path);
         return Err(overlay_err(path, format!("cannot create it: {e}")));
     }
-    log::info!("created the overlay {} over {} ({format})", path.display(), source.display());
     Ok(())
 }
 
-/// Refuses an existing overlay whose backing file is not `source`.
-fn check_backing(path: &Path, source: &Path, format: &str) -> Result<()> {
+/// The backing file name and format an existing overlay records; refuses what is no overlay.
+fn recorded_backing(path: &Path) -> Result<(String, Option<String>)> {
     let mut head = Vec::new();
     File::open(path)
         .and_then(|f| f.take(64 << 10).read_to_end(&mut head))
@@ -113,6 +166,38 @@ fn check_backing(path: &Path, source: &Path, format: &str) -> Result<()> {
     let Some(name) = header.backing else {
         return Err(overlay_err(path, "it has no backing file; it is not an overlay".into()));
     };
+    Ok((name, header.backing_format))
+}
+
+/// Refuses an existing overlay whose recorded backing format is not `format`.
+fn check_format(path: &Path, recorded: Option<String>, format: &str) -> Result<()> {
+    if let Some(recorded) = recorded.filter(|f| f != format) {
+        return Err(overlay_err(
+            path,
+            format!("it records its backing file as {recorded}, but the source is {format}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses an existing overlay whose backing file is not the NBD export at `uri` (the same URI).
+fn check_backing_uri(path: &Path, uri: &str, format: &str) -> Result<()> {
+    let (name, recorded) = recorded_backing(path)?;
+    if name != uri {
+        return Err(overlay_err(
+            path,
+            format!(
+                "its backing file is {name:?}, not the source {uri}; give another overlay path, \
+                 or export that overlay's own backing file"
+            ),
+        ));
+    }
+    check_format(path, recorded, format)
+}
+
+/// Refuses an existing overlay whose backing file is not `source`.
+fn check_backing(path: &Path, source: &Path, format: &str) -> Result<()> {
+    let (name, recorded) = recorded_backing(path)?;
     let dir = path.parent().unwrap_or(Path::new("/"));
     let resolved = std::fs::canonicalize(dir.join(&name));
     if resolved.as_deref().ok() != Some(source) {
@@ -125,13 +210,7 @@ fn check_backing(path: &Path, source: &Path, format: &str) -> Result<()> {
             ),
         ));
     }
-    if let Some(recorded) = header.backing_format.filter(|f| f != format) {
-        return Err(overlay_err(
-            path,
-            format!("it records its backing file as {recorded}, but the source is {format}"),
-        ));
-    }
-    Ok(())
+    check_format(path, recorded, format)
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -19,6 +19,7 @@
 pub mod conn;
 pub mod handshake;
 pub mod proto;
+mod storage;
 pub mod uri;
 
 use std::future::poll_fn;
@@ -34,6 +35,7 @@ use self::proto::{Answer, Command, Expect, ExportInfo};
 use super::{BlockBackend, Extent};
 
 pub use self::handshake::TlsFiles;
+pub use self::storage::NbdStorage;
 pub use self::uri::NbdUri;
 
 /// How to reach and use the server.
@@ -52,6 +54,59 @@ pub struct NbdOptions {
     pub request_timeout: Duration,
     /// Connections to open when the server allows several (one per queue thread).
     pub connections: usize,
+}
+
+/// How to reach NBD servers besides the URI: for the export's source, and for an NBD export
+/// that an image names as its backing file (a qcow2 overlay over an NBD source).
+#[derive(Debug, Clone)]
+pub struct NbdSettings {
+    pub tls: TlsFiles,
+    pub connect_timeout: Duration,
+    pub reconnect_delay: Duration,
+    pub request_timeout: Duration,
+    /// Connections to open when the server allows several (one per queue thread).
+    pub connections: usize,
+}
+
+impl Default for NbdSettings {
+    fn default() -> Self {
+        NbdSettings {
+            tls: TlsFiles::default(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            reconnect_delay: DEFAULT_RECONNECT_DELAY,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            connections: 1,
+        }
+    }
+}
+
+impl NbdSettings {
+    /// Options for a read-only connection to `uri` with these settings.
+    pub fn read_only(&self, uri: NbdUri) -> NbdOptions {
+        NbdOptions {
+            uri,
+            tls: self.tls.clone(),
+            writable: false,
+            writethrough: false,
+            connect_timeout: self.connect_timeout,
+            reconnect_delay: self.reconnect_delay,
+            request_timeout: self.request_timeout,
+            connections: self.connections,
+        }
+    }
+}
+
+impl OpenError {
+    /// The stable code of the refusal (`NBD_CONNECT_FAILED`, ...) and its message.
+    pub fn code_and_message(self) -> (&'static str, String) {
+        match self {
+            OpenError::ReadOnly(m) => ("NBD_READ_ONLY", m),
+            OpenError::Connect(ConnectError::Unreachable(m)) => ("NBD_CONNECT_FAILED", m),
+            OpenError::Connect(ConnectError::UnknownExport(m)) => ("NBD_EXPORT_NOT_FOUND", m),
+            OpenError::Connect(ConnectError::Tls(m)) => ("NBD_TLS_FAILED", m),
+            OpenError::Connect(ConnectError::Handshake(m)) => ("NBD_HANDSHAKE_FAILED", m),
+        }
+    }
 }
 
 /// The default of [`NbdOptions::connect_timeout`].
