@@ -79,8 +79,8 @@ export async function measure({ cell, peer, server, image, opts, tmp }) {
   const target = peer.family === 'ceiling' ? ceilingTarget(cell.backend, image) : server.target
   // The ceiling for page-cache mode is buffered I/O on the image (what the servers do there);
   // everything else is O_DIRECT from fio's side. A passed-through open reaches the image with
-  // the client's own flags, so the passthrough peer reads buffered in page-cache mode too (its
-  // writes are served by blockfuse, where O_DIRECT from fio changes nothing).
+  // the client's own flags, so the passthrough peer (all of whose opens pass through) does
+  // buffered I/O in page-cache cells and O_DIRECT in file-direct cells, like the ceiling.
   const buffered = peer.family === 'ceiling' || peer.passthrough
   const direct = buffered && cell.backend.cache === 'writeback' ? 0 : 1
   if (hasImage(cell.backend)) syncImage(image)

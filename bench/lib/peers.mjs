@@ -30,7 +30,7 @@ export function peerList(opts) {
     { id: `qemu-seed-${N}t`, family: 'qemu-seed', threads: N, label: `seed QEMU ${N}t` },
     { id: 'blockfuse-1t', family: 'blockfuse', threads: 1, label: 'blockfuse 1t' },
     { id: `blockfuse-${N}t`, family: 'blockfuse', threads: N, label: `blockfuse ${N}t` },
-    // FUSE passthrough ('on': the export is writable): read-only opens go straight to the image.
+    // FUSE passthrough ('on', growable, page cache): every open goes straight to the image.
     { id: 'blockfuse-pt', family: 'blockfuse', threads: 1, passthrough: true, label: 'blockfuse pt' },
     // Debian's QEMU (qemu-utils): its FUSE export predates the seed series (libfuse, one thread).
     { id: 'qemu', family: 'qemu', threads: 1, label: 'Debian QEMU' },
@@ -195,7 +195,12 @@ export function serverCommand(peer, backend, image, mnt, opts) {
       // otherwise be refused the image lock (IMAGE_LOCKED).
       args.push('--locking', 'off')
       // An explicit format: no probing of the image's first sector.
-      if (backend.kind === 'file') args.push('--format', 'raw', '--cache', backend.cache)
+      if (backend.kind === 'file' && peer.passthrough) {
+        // Growable, page cache: the one setting where writable opens pass through too (docs/
+        // DESIGN.md, "Passthrough"), so fio's writes reach the image with fio's own flags:
+        // O_DIRECT in file-direct cells, as for the ceiling. fio never writes past the end.
+        args.push('--format', 'raw', '--cache', 'writeback', '--growable')
+      } else if (backend.kind === 'file') args.push('--format', 'raw', '--cache', backend.cache)
       if (backend.kind === 'qcow2') args.push('--format', 'qcow2', '--cache', backend.cache)
       if (backend.kind === 'nbd') args.push('--format', 'raw')
       args.push(backend.kind === 'null' ? `null:${size}` : backend.kind === 'nbd' ? nbdUri(image) : image, mnt)
